@@ -1,0 +1,1 @@
+"""HTTP routers: health, v1."""

@@ -1,0 +1,40 @@
+"""Liveness and readiness, answered apart: live while the process runs, ready once loaded."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.api.deps import RuntimeDep
+from service.errors import RETRY_AFTER_SECONDS
+from service.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """200 while the process lives."""
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Loading, or a model failed to load."}},
+)
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """200 once every model is loaded; 503 (with Retry-After) before, or if one was refused."""
+    repo = runtime.repository
+    if repo is None:
+        body = Readiness(status="loading")
+    else:
+        ok = bool(repo.models) and (not repo.failures or runtime.settings.allow_partial_ready)
+        body = Readiness(
+            status="ready" if ok else "not ready", models=sorted(repo.models), failed=repo.failures
+        )
+    if body.status == "ready":
+        return JSONResponse(body.model_dump())
+    return JSONResponse(
+        body.model_dump(), status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+    )

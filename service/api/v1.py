@@ -1,0 +1,105 @@
+"""The v1 JSON API: model metadata, eval predictions, Monte-Carlo-dropout predictions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Path
+
+from service.api.deps import RuntimeDep
+from service.engine import MCResult
+from service.model import ModelConfig
+from service.schemas import (
+    MCRequest,
+    MCResponse,
+    ModelList,
+    ModelMetadata,
+    PredictRequest,
+    PredictResponse,
+)
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+
+ModelName = Path(description="Model name, as listed by GET /v1/models.", max_length=256)
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model."}}
+_PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_NOT_FOUND,
+    413: {"description": "Body over the size limit."},
+    503: {"description": "Not ready or overloaded; retry after Retry-After seconds."},
+}
+
+
+def metadata(config: ModelConfig) -> ModelMetadata:
+    return ModelMetadata(
+        name=config.name,
+        version=config.version,
+        task=config.task,
+        input_dim=config.input_dim,
+        output_dim=config.output_dim,
+        hidden=config.hidden,
+        activation=config.activation,
+        dropout=config.dropout,
+        input_dropout=config.input_dropout,
+        dropout_scaling=config.dropout_scaling,
+        labels=config.labels,
+        noise_variance=config.noise_variance,
+        sha256=config.sha256,
+        metrics=config.metrics,
+    )
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(runtime: RuntimeDep) -> ModelList:
+    """Every model being served."""
+    repo = runtime.repository
+    return ModelList(models=[metadata(m.config) for m in repo] if repo else [])
+
+
+@router.get("/models/{name}", response_model=ModelMetadata, responses=_NOT_FOUND)
+async def get_model(runtime: RuntimeDep, name: str = ModelName) -> ModelMetadata:
+    """One model's metadata."""
+    return metadata(runtime.model(name).config)
+
+
+@router.post("/models/{name}/predict", response_model=PredictResponse, responses=_PREDICT_ERRORS)
+async def predict(
+    body: PredictRequest, runtime: RuntimeDep, name: str = ModelName
+) -> PredictResponse:
+    """Eval-mode prediction: dropout off, the same input gives the same bits every time."""
+    model, outputs = await runtime.predict(name, body.inputs)
+    return PredictResponse(
+        model=model.config.name, version=model.config.version, outputs=outputs.tolist()
+    )
+
+
+@router.post("/models/{name}/predict/mc", response_model=MCResponse, responses=_PREDICT_ERRORS)
+async def predict_mc(body: MCRequest, runtime: RuntimeDep, name: str = ModelName) -> MCResponse:
+    """Monte-Carlo dropout: T seeded stochastic passes summarised; replayable from `seed`."""
+    answer = await runtime.predict_mc(
+        name, body.inputs, body.n_samples, body.seed, body.return_samples
+    )
+    return mc_response(answer.model.config, answer.n_samples, answer.seed, answer.result)
+
+
+def mc_response(config: ModelConfig, n_samples: int, seed: int, result: MCResult) -> MCResponse:
+    variance = result.variance
+    fields: dict[str, Any] = {}
+    if config.noise_variance is not None:
+        noise = torch.tensor(config.noise_variance, dtype=torch.float64)
+        fields["predictive_variance"] = (variance + noise).tolist()
+    if result.entropy is not None and result.mutual_information is not None:
+        fields["entropy"] = result.entropy.tolist()
+        fields["mutual_information"] = result.mutual_information.tolist()
+    if result.samples is not None:
+        fields["samples"] = result.samples.tolist()
+    return MCResponse(
+        model=config.name,
+        version=config.version,
+        n_samples=n_samples,
+        seed=seed,
+        mean=result.mean.tolist(),
+        variance=variance.tolist(),
+        std=variance.sqrt().tolist(),
+        **fields,
+    )

@@ -1,0 +1,95 @@
+"""App factory: wires settings, routers, errors, middleware and the model-loading lifespan.
+
+Importing this module loads no model and reads no environment; ``create_app`` does the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import __version__
+from service.api import health, v1
+from service.errors import install_error_handlers
+from service.limits import BodySizeLimit
+from service.metrics import Metrics, MetricsMiddleware
+from service.repository import ModelRepository
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Serves PyTorch MLPs with dropout.
+
+* `predict`: eval mode, dropout off. The same input gives the same bits, always.
+* `predict/mc`: Monte-Carlo dropout, T seeded stochastic passes: mean, variance and (for
+  classifiers) entropy and mutual information. Send the returned `seed` back to replay.
+"""
+
+
+def torch_threads(settings: Settings) -> int:
+    """Intra-op threads per worker: the setting, else the cores shared among the workers."""
+    return settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.workers)
+
+
+async def load_models(app: FastAPI) -> None:
+    """Load the repository off the event loop, then publish it (readiness flips to 200)."""
+    settings: Settings = app.state.settings
+    runtime: Runtime = app.state.runtime
+    metrics: Metrics = app.state.metrics
+    repo = await asyncio.to_thread(
+        ModelRepository.load, settings.model_dir, settings.torch_device()
+    )
+    for model in repo:
+        c = model.config
+        metrics.model_info.labels(c.name).info(
+            {"version": c.version, "sha256": c.sha256, "task": c.task}
+        )
+    runtime.repository = repo
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    torch.set_num_threads(torch_threads(app.state.settings))
+    loading = asyncio.create_task(load_models(app))
+    try:
+        yield
+    finally:
+        loading.cancel()
+        app.state.runtime.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service; ``settings`` defaults to the ``DROPOUT_*`` environment."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="dropout-service", version=__version__, description=DESCRIPTION, lifespan=lifespan
+    )
+    app.state.settings = settings
+    app.state.runtime = runtime = Runtime(settings)
+    app.state.metrics = metrics = Metrics()
+
+    app.include_router(health.router)
+    app.include_router(v1.router)
+    install_error_handlers(app)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus text exposition."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def known_model(name: str) -> bool:
+        return runtime.repository is not None and name in runtime.repository.models
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, known_model=known_model)
+    return app

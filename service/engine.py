@@ -1,0 +1,238 @@
+"""Tensor maths of eval and Monte-Carlo-dropout inference. No HTTP here.
+
+Contracts (see DESIGN.md):
+
+* ``predict`` never draws a random number and never reads a train/eval flag: dropout layers
+  are the identity (inverted scaling) or a multiplication by ``1 - p`` (vanilla scaling).
+* ``predict_mc`` owns one ``torch.Generator`` per call, runs the ``T`` passes as batched
+  tensor ops (no Python loop over samples), computes the layers before the first dropout
+  once, and walks ``T`` in chunks so that memory stays bounded.
+* ``dropout_noise`` draws its mask exactly as ``F.dropout(x, p, training=True)`` does on the
+  CPU: ``empty_like(x).bernoulli_(1 - p)``, then ``div_(1 - p)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from service.model import ModelConfig, bias_name, weight_name
+
+Scaling = Literal["inverted", "vanilla"]
+
+#: Most activation elements (samples x rows x width) one MC chunk holds. Part of what a seed
+#: means: changing it changes the order in which masks are drawn, so it is not a setting.
+MC_CHUNK_ELEMENTS = 1 << 21
+
+_ACTIVATIONS = {
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "gelu": F.gelu,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def dropout_noise(
+    shape: tuple[int, ...],
+    p: float,
+    generator: torch.Generator,
+    scaling: Scaling = "inverted",
+    *,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Multiplicative dropout noise: a Bernoulli(1-p) mask, divided by 1-p when inverted."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    noise = torch.empty(shape, dtype=torch.float32, device=device)
+    noise.bernoulli_(1.0 - p, generator=generator)
+    if scaling == "inverted":
+        noise.div_(1.0 - p)
+    return noise
+
+
+def dropout(
+    x: Tensor, p: float, generator: torch.Generator, scaling: Scaling = "inverted"
+) -> Tensor:
+    """Train-mode dropout of ``x`` drawing from ``generator``: ``F.dropout``'s mask for its seed."""
+    return x * dropout_noise(tuple(x.shape), p, generator, scaling, device=x.device)
+
+
+def entropy(probs: Tensor) -> Tensor:
+    """Shannon entropy (nats) over the last axis, with 0 log 0 = 0."""
+    h: Tensor = -torch.special.xlogy(probs, probs).sum(-1)
+    return h
+
+
+@dataclass(frozen=True)
+class MCResult:
+    """Summary of ``T`` stochastic passes; tensors are float64 except ``samples``."""
+
+    mean: Tensor  # (B, out)
+    variance: Tensor  # (B, out) population variance over the T samples
+    samples: Tensor | None  # (T, B, out) float32, when asked for
+    entropy: Tensor | None  # (B,) classification: entropy of the mean probabilities
+    mutual_information: Tensor | None  # (B,) classification: BALD
+
+
+class _Moments:
+    """Running mean and sum of squared deviations, merged chunk by chunk (Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def add(self, chunk: Tensor) -> None:
+        """Fold in a ``(t, ...)`` chunk of samples."""
+        c = chunk.double()
+        n_b = c.shape[0]
+        mean_b = c.mean(0)
+        m2_b = (c - mean_b).square_().sum(0)
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta.square() * (self.n * n_b / n)
+        self.n = n
+
+    def variance(self) -> Tensor:
+        assert self.m2 is not None
+        return self.m2 / self.n
+
+
+class MLPEngine:
+    """One loaded model: its weights as plain tensors, and the two inference paths."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        tensors: dict[str, Tensor],
+        *,
+        device: torch.device | str = "cpu",
+        chunk_elements: int = MC_CHUNK_ELEMENTS,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.chunk_elements = chunk_elements
+        self._act = _ACTIVATIONS[config.activation]
+        self._layers = [
+            (
+                tensors[weight_name(i)].to(self.device, torch.float32).contiguous(),
+                tensors[bias_name(i)].to(self.device, torch.float32).contiguous(),
+            )
+            for i in range(config.n_linear)
+        ]
+        self._p = [config.dropout_before(i) for i in range(config.n_linear)]
+        # Layers before the first dropout are deterministic: MC computes them once.
+        self._first_dropout = next((i for i, p in enumerate(self._p) if p > 0), config.n_linear)
+        self._x_norm = self._affine(config.input_standardization)
+        self._y_norm = self._affine(config.target_standardization)
+
+    def _affine(self, s: object) -> tuple[Tensor, Tensor] | None:
+        if s is None:
+            return None
+        mean = torch.tensor(s.mean, dtype=torch.float32, device=self.device)  # type: ignore[attr-defined]
+        std = torch.tensor(s.std, dtype=torch.float32, device=self.device)  # type: ignore[attr-defined]
+        return mean, std
+
+    # -- shared pieces -------------------------------------------------------------------
+
+    def _prefix(self, x: Tensor) -> Tensor:
+        """Input standardisation and the layers before the first dropout: ``(B, d)``."""
+        h = x.to(self.device, torch.float32)
+        if self._x_norm is not None:
+            mean, std = self._x_norm
+            h = (h - mean) / std
+        for i in range(self._first_dropout):
+            h = self._linear(i, h)
+        return h
+
+    def _linear(self, i: int, h: Tensor) -> Tensor:
+        w, b = self._layers[i]
+        h = F.linear(h, w, b)
+        return self._act(h) if i < len(self._layers) - 1 else h
+
+    def _head(self, y: Tensor) -> Tensor:
+        """Map raw outputs to answers: target units (regression) or probabilities."""
+        if self.config.task == "classification":
+            return torch.softmax(y, dim=-1)
+        if self._y_norm is not None:
+            mean, std = self._y_norm
+            y = y * std + mean
+        return y
+
+    # -- eval ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def predict(self, x: Tensor) -> Tensor:
+        """Eval-mode outputs ``(B, out)``: no dropout, no random numbers."""
+        h = self._prefix(x)
+        for i in range(self._first_dropout, len(self._layers)):
+            p = self._p[i]
+            if p > 0 and self.config.dropout_scaling == "vanilla":
+                h = h * (1.0 - p)
+            h = self._linear(i, h)
+        return self._head(h).cpu()
+
+    # -- Monte Carlo -----------------------------------------------------------------------
+
+    def chunk_size(self, rows: int, n_samples: int) -> int:
+        """Samples per chunk: a pure function of the request's shape, so seeds replay."""
+        width = max(self.config.widths[self._first_dropout :])
+        return max(1, min(n_samples, self.chunk_elements // (rows * width)))
+
+    @torch.inference_mode()
+    def predict_mc(
+        self, x: Tensor, n_samples: int, seed: int, *, return_samples: bool = False
+    ) -> MCResult:
+        """``n_samples`` dropout passes seeded by ``seed``, summarised (and kept if asked)."""
+        if n_samples < 1:
+            raise ValueError("n_samples must be >= 1")
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        h0 = self._prefix(x)  # (B, d)
+        rows = h0.shape[0]
+        chunk = self.chunk_size(rows, n_samples)
+        moments = _Moments()
+        classification = self.config.task == "classification"
+        entropy_sum = torch.zeros(rows, dtype=torch.float64, device=self.device)
+        kept: list[Tensor] = []
+        for start in range(0, n_samples, chunk):
+            t = min(chunk, n_samples - start)
+            y = self._head(self._stochastic_pass(h0, t, generator))  # (t, B, out)
+            moments.add(y)
+            if classification:
+                entropy_sum += entropy(y).sum(0, dtype=torch.float64)
+            if return_samples:
+                kept.append(y.cpu())
+        mean, variance = moments.mean, moments.variance()
+        assert mean is not None
+        h_mean = mi = None
+        if classification:
+            h_mean = entropy(mean)
+            mi = (h_mean - entropy_sum / n_samples).clamp_(min=0.0).cpu()
+            h_mean = h_mean.cpu()
+        return MCResult(
+            mean=mean.cpu(),
+            variance=variance.cpu(),
+            samples=torch.cat(kept) if return_samples else None,
+            entropy=h_mean,
+            mutual_information=mi,
+        )
+
+    def _stochastic_pass(self, h0: Tensor, t: int, generator: torch.Generator) -> Tensor:
+        """``t`` samples at once from the shared prefix ``h0 (B, d)``: returns ``(t, B, out)``."""
+        scaling = self.config.dropout_scaling
+        h = h0.expand(t, *h0.shape)  # (t, B, d), a view until the first mask multiplies it
+        for i in range(self._first_dropout, len(self._layers)):
+            p = self._p[i]
+            if p > 0:
+                h = h * dropout_noise(tuple(h.shape), p, generator, scaling, device=self.device)
+            h = self._linear(i, h)
+        return h

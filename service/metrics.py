@@ -1,0 +1,70 @@
+"""Prometheus metrics: one registry per app, an ASGI middleware that counts every request."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The service's collectors, registered on their own registry (no global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("method", "endpoint", "model", "status")
+        self.requests = Counter(
+            "dropout_http_requests",
+            "HTTP requests answered.",
+            labels,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "dropout_http_request_duration_seconds",
+            "Time from request to the end of the response.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "dropout_http_requests_in_flight", "Requests being handled.", registry=self.registry
+        )
+        self.model_info = Info("dropout_model", "Models served.", ("name",), registry=self.registry)
+
+
+class MetricsMiddleware:
+    """Counts and times requests by route template, model and status (pure ASGI: no buffering)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_model: object) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.known_model = known_model  # callable: name -> bool, keeps label values bounded
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            name = scope.get("path_params", {}).get("name")
+            model = name if name and self.known_model(name) else ""  # type: ignore[operator]
+            labels = (scope["method"], endpoint, model, str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

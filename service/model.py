@@ -1,0 +1,153 @@
+"""Model definition: the config stored beside the weights, and the plain torch MLP it describes.
+
+An MLP is ``n`` Linear layers; Linear ``i`` reads a dropout of its input with probability
+``dropout_before(i)`` (the input dropout for ``i == 0``, else the dropout after hidden layer
+``i - 1``) and, except for the last, is followed by the activation::
+
+    x -> [Dropout p0] -> Linear0 -> act -> Dropout p1 -> Linear1 -> act -> ... -> Linear(n-1)
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from torch import nn
+
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+class Standardization(BaseModel):
+    """Per-feature affine transform: ``z = (v - mean) / std``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mean: list[FiniteFloat]
+    std: list[PositiveFloat]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Standardization:
+        if len(self.mean) != len(self.std):
+            raise ValueError("mean and std must have the same length")
+        return self
+
+
+class ModelConfig(BaseModel):
+    """``config.json`` of a model folder: architecture, dropout, data transforms, provenance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    version: str = Field(min_length=1, max_length=64)
+    task: Literal["regression", "classification"]
+    input_dim: PositiveInt
+    hidden: list[PositiveInt] = Field(min_length=1)
+    output_dim: PositiveInt
+    activation: Literal["relu", "tanh", "gelu", "sigmoid"] = "relu"
+    dropout: list[Probability] = Field(description="Dropout p after each hidden layer.")
+    input_dropout: Probability = 0.0
+    dropout_scaling: Literal["inverted", "vanilla"] = "inverted"
+    input_standardization: Standardization | None = None
+    target_standardization: Standardization | None = None
+    noise_variance: list[PositiveFloat] | None = Field(
+        None, description="Regression only: aleatoric variance per output (tau^-1), target units."
+    )
+    labels: list[str] | None = Field(None, description="Classification only: one per output.")
+    weights_file: str = Field("weights.safetensors", pattern=r"^[A-Za-z0-9_.-]+\.safetensors$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if len(self.dropout) != len(self.hidden):
+            raise ValueError(
+                f"dropout has {len(self.dropout)} entries, hidden has {len(self.hidden)}"
+            )
+        if self.input_standardization and len(self.input_standardization.mean) != self.input_dim:
+            raise ValueError("input_standardization must have input_dim entries")
+        if self.target_standardization and len(self.target_standardization.mean) != self.output_dim:
+            raise ValueError("target_standardization must have output_dim entries")
+        if self.task == "regression":
+            if self.noise_variance is None or len(self.noise_variance) != self.output_dim:
+                raise ValueError("regression needs noise_variance with output_dim entries")
+            if self.labels is not None:
+                raise ValueError("labels are for classification models")
+        else:
+            if self.labels is None or len(self.labels) != self.output_dim:
+                raise ValueError("classification needs labels with output_dim entries")
+            if self.target_standardization is not None or self.noise_variance is not None:
+                raise ValueError("classification takes no target_standardization or noise_variance")
+        return self
+
+    @property
+    def widths(self) -> list[int]:
+        """Input width of every Linear layer, then the output width."""
+        return [self.input_dim, *self.hidden, self.output_dim]
+
+    @property
+    def n_linear(self) -> int:
+        return len(self.hidden) + 1
+
+    def dropout_before(self, i: int) -> float:
+        """Dropout probability applied to the input of Linear ``i``."""
+        return self.input_dropout if i == 0 else self.dropout[i - 1]
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Expected tensor names and shapes in the safetensors file."""
+        w = self.widths
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i in range(self.n_linear):
+            shapes[weight_name(i)] = (w[i + 1], w[i])
+            shapes[bias_name(i)] = (w[i + 1],)
+        return shapes
+
+
+def weight_name(i: int) -> str:
+    return f"linear{i}.weight"
+
+
+def bias_name(i: int) -> str:
+    return f"linear{i}.bias"
+
+
+def build_sequential(config: ModelConfig) -> nn.Sequential:
+    """The model as a plain ``nn.Sequential`` (inverted dropout, as torch trains it)."""
+    act = ACTIVATIONS[config.activation]
+    w = config.widths
+    layers: list[nn.Module] = []
+    for i in range(config.n_linear):
+        layers.append(nn.Dropout(config.dropout_before(i)))
+        layers.append(nn.Linear(w[i], w[i + 1]))
+        if i < config.n_linear - 1:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def linears(module: nn.Sequential) -> list[nn.Linear]:
+    return [m for m in module if isinstance(m, nn.Linear)]
+
+
+def sequential_to_tensors(module: nn.Sequential) -> dict[str, torch.Tensor]:
+    """Weights of a ``build_sequential`` module under the repository's tensor names."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, lin in enumerate(linears(module)):
+        tensors[weight_name(i)] = lin.weight.detach().contiguous().clone()
+        tensors[bias_name(i)] = lin.bias.detach().contiguous().clone()
+    return tensors
+
+
+def load_into_sequential(module: nn.Sequential, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for i, lin in enumerate(linears(module)):
+            lin.weight.copy_(tensors[weight_name(i)])
+            lin.bias.copy_(tensors[bias_name(i)])

@@ -1,0 +1,132 @@
+"""Request and response bodies of the v1 API, with the examples /docs shows."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, JsonValue, Strict
+
+#: A JSON number that is finite: strings, booleans and null are refused, not coerced.
+Number = Annotated[float, Strict(), AllowInfNan(False)]
+Matrix = list[list[float]]
+MAX_SEED = 2**63 - 1
+
+# One row of the concrete data set (cement, slag, ash, water, superplasticizer, coarse
+# aggregate, fine aggregate in kg/m3, age in days); its measured strength is 79.99 MPa.
+_EXAMPLE_ROW: list[JsonValue] = [540.0, 0.0, 0.0, 162.0, 2.5, 1040.0, 676.0, 28.0]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictRequest(_Request):
+    inputs: list[list[Number]] = Field(
+        min_length=1,
+        description="Rows of input_dim finite numbers; at most the configured maximum rows.",
+    )
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"inputs": [_EXAMPLE_ROW]}]}
+    )
+
+
+class MCRequest(PredictRequest):
+    n_samples: Annotated[int, Strict()] | None = Field(
+        None, ge=2, description="Stochastic passes T (default and maximum are settings)."
+    )
+    seed: Annotated[int, Strict()] | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed of this request's generator; drawn if absent."
+    )
+    return_samples: Annotated[bool, Strict()] = Field(
+        False, description="Also return every sample, [T][rows][outputs]."
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"inputs": [_EXAMPLE_ROW], "n_samples": 100, "seed": 7}]},
+    )
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: str
+    outputs: Matrix = Field(description="[rows][outputs]; class probabilities for classifiers.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "concrete", "version": "1", "outputs": [[77.41]]}]
+        }
+    )
+
+
+class MCResponse(BaseModel):
+    model: str
+    version: str
+    n_samples: int
+    seed: int = Field(description="The seed used: send it back to replay this answer bit for bit.")
+    mean: Matrix
+    variance: Matrix = Field(description="Population variance over the T samples (epistemic).")
+    std: Matrix
+    predictive_variance: Matrix | None = Field(
+        None, description="Regression: variance + the model's noise_variance (aleatoric)."
+    )
+    entropy: list[float] | None = Field(
+        None, description="Classification: predictive entropy (nats) per row."
+    )
+    mutual_information: list[float] | None = Field(
+        None, description="Classification: mutual information (BALD) per row."
+    )
+    samples: list[Matrix] | None = Field(None, description="[T][rows][outputs] when asked for.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "concrete",
+                    "version": "1",
+                    "n_samples": 100,
+                    "seed": 7,
+                    "mean": [[76.9]],
+                    "variance": [[9.8]],
+                    "std": [[3.13]],
+                    "predictive_variance": [[33.5]],
+                }
+            ]
+        }
+    )
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    version: str
+    task: Literal["regression", "classification"]
+    input_dim: int
+    output_dim: int
+    hidden: list[int]
+    activation: str
+    dropout: list[float] = Field(description="Dropout p after each hidden layer.")
+    input_dropout: float
+    dropout_scaling: Literal["inverted", "vanilla"]
+    labels: list[str] | None = None
+    noise_variance: list[float] | None = None
+    sha256: str
+    metrics: dict[str, object] = Field(default_factory=dict)
+
+
+class ModelList(BaseModel):
+    models: list[ModelMetadata]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "not ready"]
+    models: list[str] = Field(default_factory=list, description="Models being served.")
+    failed: dict[str, str] = Field(default_factory=dict, description="Refused models: reason.")
+
+
+class ErrorBody(BaseModel):
+    detail: str

@@ -1,0 +1,60 @@
+"""Service settings: one class, one env prefix (``DROPOUT_``), validated ranges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; read from ``DROPOUT_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="DROPOUT_", extra="forbid")
+
+    model_dir: Path = Field(Path("models"), description="Model repository folder.")
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
+    workers: int = Field(1, ge=1, le=64, description="Server processes.")
+    max_rows: int = Field(1024, ge=1, le=1_000_000, description="Most rows in one request.")
+    default_n_samples: int = Field(100, ge=2, description="MC samples when a request names none.")
+    max_n_samples: int = Field(10_000, ge=2, le=1_000_000, description="Most MC samples.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Intra-op torch threads per worker (default: cores/workers).",
+    )
+    inference_threads: int = Field(
+        1, ge=1, le=64, description="Threads running tensor work off the event loop, per worker."
+    )
+    max_sample_values: int = Field(
+        1_000_000, ge=1, description="Most values (T x rows x outputs) return_samples may send."
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413 unread."
+    )
+    device: str = Field(
+        "auto",
+        pattern="^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="Torch device (auto: CUDA if present).",
+    )
+    allow_partial_ready: bool = Field(
+        False, description="Report ready when some models failed to load (others still serve)."
+    )
+    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> Settings:
+        if self.default_n_samples > self.max_n_samples:
+            raise ValueError("default_n_samples must not exceed max_n_samples")
+        return self
+
+    def torch_device(self) -> str:
+        """The device to load models on; ``auto`` takes CUDA when torch sees one."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,42 @@
+"""Fixture chain: repository folder -> settings -> live uvicorn server -> HTTP client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.settings import Settings
+from tests.helpers import LiveServer, live_server, write_test_repository
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    write_test_repository(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def settings(model_dir: Path) -> Settings:
+    return Settings(
+        model_dir=model_dir,
+        max_rows=64,
+        max_n_samples=5000,
+        max_sample_values=100_000,
+        torch_threads=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def server(settings: Settings) -> Iterator[LiveServer]:
+    with live_server(settings) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c

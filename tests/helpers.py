@@ -1,0 +1,149 @@
+"""Small models with known answers, and a real uvicorn server on a loopback port."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+import uvicorn
+
+from service.app import create_app
+from service.model import ModelConfig, Standardization, bias_name, weight_name
+from service.repository import save_model
+from service.settings import Settings
+
+SHA_PLACEHOLDER = "0" * 64
+
+
+def tiny_regression_config(**overrides: Any) -> ModelConfig:
+    """2 -> 3 -> 1 ReLU MLP; eval of [1, 2] is exactly 6.5 (see ``tiny_tensors``)."""
+    fields: dict[str, Any] = {
+        "name": "tiny",
+        "version": "3",
+        "task": "regression",
+        "input_dim": 2,
+        "hidden": [3],
+        "output_dim": 1,
+        "dropout": [0.5],
+        "noise_variance": [0.25],
+        "sha256": SHA_PLACEHOLDER,
+    }
+    return ModelConfig(**{**fields, **overrides})
+
+
+def tiny_tensors() -> dict[str, torch.Tensor]:
+    return {
+        weight_name(0): torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
+        bias_name(0): torch.zeros(3),
+        weight_name(1): torch.tensor([[1.0, 1.0, 1.0]]),
+        bias_name(1): torch.tensor([0.5]),
+    }
+
+
+def random_tensors(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(shape, generator=g) / (shape[-1] ** 0.5)
+        for name, shape in config.weight_shapes().items()
+    }
+
+
+def deep_regression_config(**overrides: Any) -> ModelConfig:
+    """4 -> 16 -> 16 -> 2 with standardisation and input dropout: exercises every branch."""
+    fields: dict[str, Any] = {
+        "name": "deep",
+        "version": "1",
+        "task": "regression",
+        "input_dim": 4,
+        "hidden": [16, 16],
+        "output_dim": 2,
+        "activation": "tanh",
+        "dropout": [0.2, 0.1],
+        "input_dropout": 0.05,
+        "input_standardization": Standardization(mean=[1, 2, 3, 4], std=[1, 2, 0.5, 4]),
+        "target_standardization": Standardization(mean=[10, -5], std=[3, 0.5]),
+        "noise_variance": [0.5, 0.1],
+        "sha256": SHA_PLACEHOLDER,
+    }
+    return ModelConfig(**{**fields, **overrides})
+
+
+def classifier_config(**overrides: Any) -> ModelConfig:
+    fields: dict[str, Any] = {
+        "name": "clf",
+        "version": "1",
+        "task": "classification",
+        "input_dim": 5,
+        "hidden": [32],
+        "output_dim": 3,
+        "dropout": [0.3],
+        "labels": ["a", "b", "c"],
+        "sha256": SHA_PLACEHOLDER,
+    }
+    return ModelConfig(**{**fields, **overrides})
+
+
+def write_model(root: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]) -> ModelConfig:
+    return save_model(root / config.name, config, tensors, f"# {config.name}\n\nA test model.\n")
+
+
+def write_test_repository(root: Path) -> None:
+    write_model(root, tiny_regression_config(), tiny_tensors())
+    deep = deep_regression_config()
+    write_model(root, deep, random_tensors(deep, seed=1))
+    clf = classifier_config()
+    write_model(root, clf, random_tensors(clf, seed=2))
+
+
+class LiveServer:
+    """uvicorn serving an app on 127.0.0.1 with a port the OS picked, in a thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        sock = self.server.servers[0].sockets[0]
+        host, port = sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+
+    def wait_ready(self, timeout: float = 20.0) -> httpx.Response:
+        deadline = time.monotonic() + timeout
+        while True:
+            r = httpx.get(f"{self.url}/readyz")
+            if r.status_code == 200 or time.monotonic() > deadline:
+                return r
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+@contextmanager
+def live_server(settings: Settings, *, wait_ready: bool = True) -> Iterator[LiveServer]:
+    server = LiveServer(settings)
+    server.start()
+    try:
+        if wait_ready:
+            assert server.wait_ready().status_code == 200
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,236 @@
+"""Every v1 endpoint and every error class of DESIGN.md, through a real uvicorn server."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+MC_BODY = {"inputs": [[1.0, 2.0]], "n_samples": 200, "seed": 42}
+
+
+def test_healthz(client: httpx.Client) -> None:
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+
+
+def test_readyz_lists_models(client: httpx.Client) -> None:
+    r = client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready", "models": ["clf", "deep", "tiny"], "failed": {}}
+
+
+def test_list_models(client: httpx.Client) -> None:
+    models = client.get("/v1/models").json()["models"]
+    assert [m["name"] for m in models] == ["clf", "deep", "tiny"]
+
+
+def test_model_metadata(client: httpx.Client) -> None:
+    meta = client.get("/v1/models/tiny").json()
+    assert {k: meta[k] for k in ("name", "version", "task", "input_dim", "output_dim")} == {
+        "name": "tiny",
+        "version": "3",
+        "task": "regression",
+        "input_dim": 2,
+        "output_dim": 1,
+    }
+    assert meta["dropout"] == [0.5]
+    assert meta["dropout_scaling"] == "inverted"
+    assert len(meta["sha256"]) == 64
+    assert client.get("/v1/models/clf").json()["labels"] == ["a", "b", "c"]
+
+
+def test_predict_known_answer(client: httpx.Client) -> None:
+    r = client.post("/v1/models/tiny/predict", json={"inputs": [[1, 2], [0.0, 0.0]]})
+    assert r.status_code == 200
+    assert r.json() == {"model": "tiny", "version": "3", "outputs": [[6.5], [0.5]]}
+
+
+def test_predict_classifier_gives_probabilities(client: httpx.Client) -> None:
+    r = client.post("/v1/models/clf/predict", json={"inputs": [[0.1, 0.2, 0.3, 0.4, 0.5]]})
+    probs = r.json()["outputs"][0]
+    assert len(probs) == 3
+    assert sum(probs) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_predict_mc_regression_fields_and_replay(client: httpx.Client) -> None:
+    first = client.post("/v1/models/tiny/predict/mc", json=MC_BODY).json()
+    again = client.post("/v1/models/tiny/predict/mc", json=MC_BODY).json()
+    assert first == again
+    assert first["n_samples"] == 200
+    assert first["seed"] == 42
+    (mean,), (var,), (std,), (pvar,) = (
+        first[k][0] for k in ("mean", "variance", "std", "predictive_variance")
+    )
+    assert var > 0
+    assert std == pytest.approx(math.sqrt(var))
+    assert pvar == pytest.approx(var + 0.25)
+    assert 4.0 < mean < 9.0
+    assert "samples" not in first or first["samples"] is None
+    assert "entropy" not in first or first["entropy"] is None
+
+
+def test_predict_mc_without_seed_returns_one_that_replays(client: httpx.Client) -> None:
+    body = {"inputs": [[1.0, 2.0]], "n_samples": 50}
+    drawn = client.post("/v1/models/tiny/predict/mc", json=body).json()
+    assert 0 <= drawn["seed"] < 2**63
+    replay = client.post("/v1/models/tiny/predict/mc", json={**body, "seed": drawn["seed"]}).json()
+    assert replay == drawn
+
+
+def test_predict_mc_default_n_samples(client: httpx.Client) -> None:
+    r = client.post("/v1/models/tiny/predict/mc", json={"inputs": [[1.0, 2.0]], "seed": 1})
+    assert r.json()["n_samples"] == 100
+
+
+def test_predict_mc_samples_match_summary(client: httpx.Client) -> None:
+    body = {**MC_BODY, "n_samples": 30, "return_samples": True}
+    r = client.post("/v1/models/tiny/predict/mc", json=body).json()
+    samples = [s[0][0] for s in r["samples"]]
+    assert len(samples) == 30
+    mean = sum(samples) / 30
+    assert r["mean"][0][0] == pytest.approx(mean, rel=1e-12)
+    assert r["variance"][0][0] == pytest.approx(
+        sum((s - mean) ** 2 for s in samples) / 30, rel=1e-9
+    )
+
+
+def test_predict_mc_classifier_fields(client: httpx.Client) -> None:
+    body = {"inputs": [[0.1, 0.2, 0.3, 0.4, 0.5]] * 2, "n_samples": 100, "seed": 5}
+    r = client.post("/v1/models/clf/predict/mc", json=body).json()
+    assert len(r["entropy"]) == 2
+    assert len(r["mutual_information"]) == 2
+    assert 0 <= r["mutual_information"][0] <= r["entropy"][0] <= math.log(3) + 1e-9
+    assert sum(r["mean"][0]) == pytest.approx(1.0)
+    assert r.get("predictive_variance") is None
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/models/tiny/predict", {"inputs": [[1.0, 2.0, 3.0]]}, ["body", "inputs", 0]),
+        ("/v1/models/tiny/predict", {"inputs": [[1.0, 2.0], [1.0]]}, ["body", "inputs", 1]),
+        ("/v1/models/tiny/predict", {"inputs": []}, ["body", "inputs"]),
+        ("/v1/models/tiny/predict", {"inputs": [[1.0, "2"]]}, ["body", "inputs", 0, 1]),
+        ("/v1/models/tiny/predict", {"inputs": [[1.0, None]]}, ["body", "inputs", 0, 1]),
+        ("/v1/models/tiny/predict", {"inputs": [[True, 1.0]]}, ["body", "inputs", 0, 0]),
+        ("/v1/models/tiny/predict", {"inputs": [[1.0, 1e39]]}, ["body", "inputs", 0]),
+        ("/v1/models/tiny/predict", {"inputs": [[1.0, 2.0]] * 65}, ["body", "inputs"]),
+        ("/v1/models/tiny/predict", {"inputs": [[1.0, 2.0]], "extra": 1}, ["body", "extra"]),
+        ("/v1/models/tiny/predict", {}, ["body", "inputs"]),
+        ("/v1/models/tiny/predict/mc", {**MC_BODY, "n_samples": 1}, ["body", "n_samples"]),
+        ("/v1/models/tiny/predict/mc", {**MC_BODY, "n_samples": 5001}, ["body", "n_samples"]),
+        ("/v1/models/tiny/predict/mc", {**MC_BODY, "n_samples": 2.5}, ["body", "n_samples"]),
+        ("/v1/models/tiny/predict/mc", {**MC_BODY, "seed": -1}, ["body", "seed"]),
+        ("/v1/models/tiny/predict/mc", {**MC_BODY, "seed": 2**63}, ["body", "seed"]),
+        ("/v1/models/tiny/predict/mc", {**MC_BODY, "seed": "7"}, ["body", "seed"]),
+        (
+            "/v1/models/tiny/predict/mc",
+            {**MC_BODY, "n_samples": 5000, "return_samples": True, "inputs": [[1.0, 2.0]] * 64},
+            ["body", "return_samples"],
+        ),
+    ],
+)
+def test_malformed_input_is_422_naming_the_field(
+    client: httpx.Client, path: str, body: dict[str, object], field: list[object]
+) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code == 422, r.text[:300]
+    locs = [e["loc"] for e in r.json()["detail"]]
+    assert field in locs, locs
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_json_literals_are_422(client: httpx.Client, literal: str) -> None:
+    content = f'{{"inputs": [[1.0, {literal}]]}}'
+    r = client.post(
+        "/v1/models/tiny/predict", content=content, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "inputs", 0, 1]
+
+
+def test_not_json_is_422(client: httpx.Client) -> None:
+    r = client.post(
+        "/v1/models/tiny/predict",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/models/nope"),
+        ("POST", "/v1/models/nope/predict"),
+        ("POST", "/v1/models/nope/predict/mc"),
+    ],
+)
+def test_unknown_model_is_404(client: httpx.Client, method: str, path: str) -> None:
+    r = client.request(method, path, json={"inputs": [[1.0, 2.0]]})
+    assert r.status_code == 404
+    assert "'nope' not found" in r.json()["detail"]
+    assert "tiny" in r.json()["detail"]
+
+
+def test_body_over_limit_is_413(server: object, model_dir: object) -> None:
+    from service.settings import Settings
+    from tests.helpers import live_server
+
+    settings = Settings(model_dir=model_dir, max_body_bytes=2048)  # type: ignore[arg-type]
+    big = {"inputs": [[1.0, 2.0]] * 500}
+    with live_server(settings) as s, httpx.Client(base_url=s.url) as c:
+        assert c.post("/v1/models/tiny/predict", json=big).status_code == 413
+
+        def chunks():  # no Content-Length: the limit applies while streaming
+            yield b'{"inputs": ['
+            for _ in range(400):
+                yield b"[1.0, 2.0],"
+            yield b"[1.0, 2.0]]}"
+
+        r = c.post(
+            "/v1/models/tiny/predict",
+            content=chunks(),
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 413
+        assert "limit" in r.json()["detail"]
+        assert c.post("/v1/models/tiny/predict", json={"inputs": [[1, 2]]}).status_code == 200
+
+
+def test_openapi_documents_endpoints_with_examples(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    for path in (
+        "/healthz",
+        "/readyz",
+        "/v1/models",
+        "/v1/models/{name}",
+        "/v1/models/{name}/predict",
+        "/v1/models/{name}/predict/mc",
+        "/metrics",
+    ):
+        assert path in spec["paths"], path
+    schemas = spec["components"]["schemas"]
+    assert schemas["MCRequest"]["examples"][0]["seed"] == 7
+    assert client.get("/docs").status_code == 200
+
+
+def test_metrics_exposition_counts_requests(client: httpx.Client) -> None:
+    client.post("/v1/models/tiny/predict", json={"inputs": [[1.0, 2.0]]})
+    client.post("/v1/models/tiny/predict", json={"inputs": [[1.0]]})
+    text = client.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = families["dropout_http_requests"]
+    counts = {
+        (s.labels["endpoint"], s.labels["model"], s.labels["status"]): s.value
+        for s in requests.samples
+        if s.name == "dropout_http_requests_total"
+    }
+    assert counts[("/v1/models/{name}/predict", "tiny", "200")] >= 1
+    assert counts[("/v1/models/{name}/predict", "tiny", "422")] >= 1
+    info = families["dropout_model_info"]
+    assert {s.labels["name"] for s in info.samples} == {"clf", "deep", "tiny"}

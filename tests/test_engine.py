@@ -1,0 +1,167 @@
+"""Engine without HTTP: eval against plain torch, MC reproducibility and summaries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine import MLPEngine, entropy
+from service.model import ModelConfig, build_sequential, load_into_sequential
+from tests.helpers import (
+    classifier_config,
+    deep_regression_config,
+    random_tensors,
+    tiny_regression_config,
+    tiny_tensors,
+)
+
+
+def reference_eval(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """The same weights in a plain nn.Sequential in eval mode, with the config's transforms."""
+    seq = build_sequential(config)
+    load_into_sequential(seq, tensors)
+    seq.eval()
+    if s := config.input_standardization:
+        x = (x - torch.tensor(s.mean)) / torch.tensor(s.std)
+    with torch.no_grad():
+        y = seq(x)
+    if config.task == "classification":
+        return torch.softmax(y, dim=-1)
+    if s := config.target_standardization:
+        y = y * torch.tensor(s.std) + torch.tensor(s.mean)
+    return y
+
+
+def cases() -> list[tuple[ModelConfig, dict[str, torch.Tensor]]]:
+    deep, clf = deep_regression_config(), classifier_config()
+    return [
+        (tiny_regression_config(), tiny_tensors()),
+        (deep, random_tensors(deep, 1)),
+        (clf, random_tensors(clf, 2)),
+    ]
+
+
+def inputs(config: ModelConfig, rows: int = 17, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, config.input_dim, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_tiny_model_known_answer() -> None:
+    engine = MLPEngine(tiny_regression_config(), tiny_tensors())
+    assert engine.predict(torch.tensor([[1.0, 2.0]])).tolist() == [[6.5]]
+
+
+@pytest.mark.parametrize(("config", "tensors"), cases())
+def test_eval_equals_plain_sequential_in_eval_mode(
+    config: ModelConfig, tensors: dict[str, torch.Tensor]
+) -> None:
+    x = inputs(config)
+    assert torch.equal(MLPEngine(config, tensors).predict(x), reference_eval(config, tensors, x))
+
+
+@pytest.mark.parametrize(("config", "tensors"), cases())
+def test_eval_is_deterministic_and_draws_no_random_number(
+    config: ModelConfig, tensors: dict[str, torch.Tensor]
+) -> None:
+    engine, x = MLPEngine(config, tensors), inputs(config)
+    state = torch.random.get_rng_state()
+    first = engine.predict(x)
+    for _ in range(5):
+        assert torch.equal(engine.predict(x), first)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize(("config", "tensors"), cases())
+def test_mc_reproducible_per_seed_and_seeds_differ(
+    config: ModelConfig, tensors: dict[str, torch.Tensor]
+) -> None:
+    engine, x = MLPEngine(config, tensors), inputs(config)
+    a = engine.predict_mc(x, 50, seed=11, return_samples=True)
+    b = engine.predict_mc(x, 50, seed=11, return_samples=True)
+    c = engine.predict_mc(x, 50, seed=12)
+    assert torch.equal(a.mean, b.mean)
+    assert torch.equal(a.variance, b.variance)
+    assert a.samples is not None
+    assert b.samples is not None
+    assert torch.equal(a.samples, b.samples)
+    assert not torch.equal(a.mean, c.mean)
+
+
+@pytest.mark.parametrize(("config", "tensors"), cases())
+@pytest.mark.parametrize("chunk_elements", [1, 64, 1 << 21])
+def test_summaries_equal_those_recomputed_from_samples(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], chunk_elements: int
+) -> None:
+    engine = MLPEngine(config, tensors, chunk_elements=chunk_elements)
+    x = inputs(config, rows=5)
+    r = engine.predict_mc(x, 97, seed=3, return_samples=True)
+    assert r.samples is not None
+    assert r.samples.shape == (97, 5, config.output_dim)
+    s = r.samples.double()
+    torch.testing.assert_close(r.mean, s.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.variance, s.var(0, correction=0), rtol=1e-9, atol=1e-12)
+    if config.task == "classification":
+        assert r.entropy is not None
+        assert r.mutual_information is not None
+        expected_h = entropy(s.mean(0))
+        expected_mi = expected_h - entropy(s).mean(0)
+        torch.testing.assert_close(r.entropy, expected_h, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(r.mutual_information, expected_mi, rtol=1e-6, atol=1e-9)
+        assert bool((r.mutual_information >= 0).all())
+        assert bool((r.mutual_information <= r.entropy + 1e-12).all())
+        torch.testing.assert_close(r.mean.sum(-1), torch.ones(5, dtype=torch.float64))
+    else:
+        assert r.entropy is None
+        assert r.mutual_information is None
+
+
+def test_zero_dropout_gives_zero_variance_and_the_eval_answer() -> None:
+    config = deep_regression_config(dropout=[0.0, 0.0], input_dropout=0.0)
+    tensors = random_tensors(config, 1)
+    engine, x = MLPEngine(config, tensors), inputs(config)
+    r = engine.predict_mc(x, 20, seed=1)
+    assert torch.equal(r.variance, torch.zeros_like(r.variance))
+    torch.testing.assert_close(r.mean.float(), engine.predict(x))
+
+
+@pytest.mark.parametrize("scaling", ["inverted", "vanilla"])
+def test_eval_equals_mc_expectation_in_the_linear_case(scaling: str) -> None:
+    # Positive inputs and weights keep every ReLU in its linear part, so E[MC] = eval exactly.
+    config = tiny_regression_config(dropout=[0.3], dropout_scaling=scaling)
+    engine = MLPEngine(config, tiny_tensors())
+    x = torch.tensor([[1.0, 2.0]])
+    eval_y = float(engine.predict(x))
+    expected = 6.5 if scaling == "inverted" else 0.7 * 6.0 + 0.5
+    assert eval_y == pytest.approx(expected, abs=1e-6)
+    r = engine.predict_mc(x, 20000, seed=0)
+    se = float(r.variance.sqrt()) / 20000**0.5
+    assert abs(float(r.mean) - eval_y) < 4 * se
+
+
+def test_first_layers_before_dropout_run_once_and_samples_are_batched(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = deep_regression_config(input_dropout=0.0)
+    engine = MLPEngine(config, random_tensors(config, 1), chunk_elements=16 * 10 * 40)
+    calls: list[tuple[int, tuple[int, ...]]] = []
+    linear = engine._linear
+
+    def spy(i: int, h: torch.Tensor) -> torch.Tensor:
+        calls.append((i, tuple(h.shape)))
+        return linear(i, h)
+
+    monkeypatch.setattr(engine, "_linear", spy)
+    engine.predict_mc(inputs(config, rows=10), 200, seed=0)
+    chunk = engine.chunk_size(10, 200)
+    assert chunk == 40
+    assert calls.count((0, (10, 4))) == 1  # the deterministic first layer, once
+    assert [c for c in calls if c[0] == 1] == [(1, (chunk, 10, 16))] * (200 // chunk)
+
+
+def test_chunk_size_bounds_memory_and_depends_only_on_shape() -> None:
+    config = deep_regression_config()
+    engine = MLPEngine(config, random_tensors(config, 1))
+    assert engine.chunk_size(1024, 10_000) * 1024 * 16 <= engine.chunk_elements
+    assert engine.chunk_size(1, 100) == 100
+    assert engine.chunk_size(10**7, 100) == 1

@@ -1,0 +1,59 @@
+"""Readiness: 503 while a model is refused, unless partial readiness is allowed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.settings import Settings
+from tests.helpers import live_server, tiny_regression_config, tiny_tensors, write_model
+
+
+@pytest.fixture
+def damaged_root(tmp_path: Path) -> Path:
+    write_model(tmp_path, tiny_regression_config(), tiny_tensors())
+    write_model(tmp_path, tiny_regression_config(name="broken"), tiny_tensors())
+    config = tmp_path / "broken" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "sha256": "c" * 64}))
+    return tmp_path
+
+
+def test_a_refused_model_makes_the_service_not_ready(damaged_root: Path) -> None:
+    with live_server(Settings(model_dir=damaged_root), wait_ready=False) as s:
+        # Poll until loading finished (the body leaves "loading"), then check the verdict.
+        for _ in range(500):
+            r = httpx.get(f"{s.url}/readyz")
+            if r.json()["status"] != "loading":
+                break
+            time.sleep(0.01)
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        body = r.json()
+        assert body["status"] == "not ready"
+        assert body["models"] == ["tiny"]
+        assert "sha256" in body["failed"]["broken"]
+        assert httpx.get(f"{s.url}/healthz").status_code == 200
+        good = httpx.post(f"{s.url}/v1/models/tiny/predict", json={"inputs": [[1, 2]]})
+        assert good.json()["outputs"] == [[6.5]]
+
+
+def test_partial_readiness_when_allowed(damaged_root: Path) -> None:
+    settings = Settings(model_dir=damaged_root, allow_partial_ready=True)
+    with live_server(settings) as s:
+        body = httpx.get(f"{s.url}/readyz").json()
+        assert body["status"] == "ready"
+        assert list(body["failed"]) == ["broken"]
+
+
+def test_empty_repository_is_not_ready(tmp_path: Path) -> None:
+    with live_server(Settings(model_dir=tmp_path), wait_ready=False) as s:
+        for _ in range(500):
+            r = httpx.get(f"{s.url}/readyz")
+            if r.json()["status"] != "loading":
+                break
+            time.sleep(0.01)
+        assert r.status_code == 503
