@@ -35,3 +35,6 @@ format: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/latency.py
