@@ -98,7 +98,10 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model}, 1 row."
     )
     print()
-    print("| request | engine p50 (ms) | engine p99 | HTTP p50 (ms) | HTTP p99 | engine / eval | HTTP / eval |")
+    print(
+        "| request | engine p50 (ms) | engine p99 | HTTP p50 (ms) | HTTP p99 "
+        "| engine / eval | HTTP / eval |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, _ in CASES:
         (e50, e99), (h50, h99) = quantiles(engine[name]), quantiles(http[name])

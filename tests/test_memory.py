@@ -17,7 +17,9 @@ SCRIPT = textwrap.dedent(
     from tests.helpers import deep_regression_config, random_tensors
 
     torch.set_num_threads(2)
-    config = deep_regression_config(hidden=[32], dropout=[0.1], input_dropout=0.0, activation="relu")
+    config = deep_regression_config(
+        hidden=[32], dropout=[0.1], input_dropout=0.0, activation="relu"
+    )
     engine = MLPEngine(config, random_tensors(config))
     x = torch.randn(1024, 4)
     engine.predict_mc(x, 2, seed=0)  # warm up allocator and kernels
