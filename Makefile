@@ -38,3 +38,16 @@ clean:
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/latency.py
+
+# Container and cluster checks (hadolint, the replayed image, kubernetes-validate): part of
+# `make test`; `make check-container` runs them alone.
+.PHONY: check-container
+
+$(VENV)/.installed-deploy: $(VENV)/.installed-dev
+	$(PIP) -e '.[dev,deploy]'
+	@touch $@
+
+test: $(VENV)/.installed-deploy
+
+check-container: $(VENV)/.installed-deploy
+	$(BIN)/python -m pytest tests/test_container.py tests/test_deploy.py
