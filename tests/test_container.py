@@ -202,7 +202,7 @@ def pip(image: Image, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def image() -> Iterator[Image]:
-    # Not pytest's tmp_path, which keeps the last runs: this venv holds torch (about 1 GB).
+    # Not pytest's tmp_path, which keeps the last runs: this venv holds torch (about 600 MB).
     root = Path(tempfile.mkdtemp(prefix="dropout-image-"))
     image = Image(root)
     try:
