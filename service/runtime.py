@@ -127,9 +127,9 @@ class Runtime:
         def run() -> MCResult:
             return model.engine.predict_mc(x, n, seed, return_samples=return_samples)
 
-        self.metrics.mc_samples.labels(model.config.name).observe(n)
         async with self._admission.admit(model.config.name):
             result, timing = await self._timed_run(run)
+        self.metrics.mc_samples.labels(model.config.name).observe(n)
         self.metrics.compute.labels(model.config.name, "mc").observe(timing.compute_s)
         self._observe(model, "mc", timing)
         return MCAnswer(model=model, n_samples=n, seed=seed, result=result)

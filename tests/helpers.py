@@ -151,18 +151,8 @@ def live_server(settings: Settings, *, wait_ready: bool = True) -> Iterator[Live
 
 def wide_regression_config(**overrides: Any) -> ModelConfig:
     """8 -> 256 -> 256 -> 1: heavy enough that a large MC request takes a while."""
-    fields: dict[str, Any] = {
-        "name": "wide",
-        "version": "1",
-        "task": "regression",
-        "input_dim": 8,
-        "hidden": [256, 256],
-        "output_dim": 1,
-        "dropout": [0.1, 0.1],
-        "noise_variance": [0.1],
-        "sha256": SHA_PLACEHOLDER,
-    }
-    return ModelConfig(**{**fields, **overrides})
+    fields = {"name": "wide", "version": "1", "input_dim": 8, "hidden": [256, 256]}
+    return tiny_regression_config(**{**fields, "dropout": [0.1, 0.1], **overrides})
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
