@@ -61,7 +61,7 @@ class RequestInput(_Request):
     shape: list[Annotated[StrictInt, Field(ge=0)]]
     datatype: str
     parameters: InputParameters | None = None
-    data: JsonValue = Field(None, description="Row-major values, flat or nested.")
+    data: Any = Field(None, description="Row-major values, flat or nested (numbers).")
 
 
 class OutputParameters(_Request):

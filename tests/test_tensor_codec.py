@@ -63,7 +63,7 @@ def test_from_bytes_refuses_a_length_that_does_not_fit_the_shape() -> None:
         from_bytes(b"\x00" * 20, [2, 3], "FP32", "input 'input'")
 
 
-@pytest.mark.parametrize("data", [[1, 2.5, 3, 4], [[1, 2.5], [3, 4]]])
+@pytest.mark.parametrize("data", [[1, 2.5, 3, 4], [[1, 2.5], [3, 4]], [[[1], [2.5]], [3, [4]]]])
 def test_from_json_takes_flat_or_nested_rows(data: list[object]) -> None:
     t = from_json(data, [2, 2], "FP32", "x")  # type: ignore[arg-type]
     assert t.tolist() == [[1.0, 2.5], [3.0, 4.0]]
@@ -72,7 +72,15 @@ def test_from_json_takes_flat_or_nested_rows(data: list[object]) -> None:
 
 @pytest.mark.parametrize(
     ("data", "match"),
-    [([1, 2, 3], "3 values"), ([1, True, 3, 4], "bool"), ([1, "2", 3, 4], "str"), (None, "None")],
+    [
+        ([1, 2, 3], "3 values"),
+        ([[1, 2], [3]], "3 values"),
+        ([1, True, 3, 4], "bool"),
+        ([[1, 2], [3, "4"]], "str"),
+        ([[1, 2], [3, None]], "NoneType"),
+        (None, "NoneType"),
+        ({"a": 1}, "dict"),
+    ],
 )
 def test_from_json_refuses_wrong_counts_and_non_numbers(data: object, match: str) -> None:
     with pytest.raises(InvalidInput, match=match):
