@@ -25,7 +25,8 @@ class ModelNotFound(ServiceError):
 
 
 class InvalidInput(ServiceError):
-    """422: the request parsed but does not fit the model or the limits; names the field."""
+    """422 (400 in v2): the request parsed but does not fit the model or the limits; names
+    the field."""
 
     def __init__(self, loc: Sequence[str | int], msg: str) -> None:
         super().__init__(msg)

@@ -376,6 +376,7 @@ def test_not_ready_is_503_with_retry_after(settings: Settings) -> None:
     live, ready, infer = asyncio.run(calls())
     assert (live.status_code, live.json()) == (200, {"live": True})
     assert (ready.status_code, ready.json()) == (503, {"ready": False})
+    assert ready.headers["retry-after"] == "1"
     assert infer.status_code == 503
     assert infer.headers["retry-after"] == "1"
     assert infer.json() == {"error": "models are still loading"}

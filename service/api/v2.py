@@ -20,7 +20,12 @@ from fastapi.routing import APIRoute
 from service import __version__
 from service.api import health
 from service.api.deps import RuntimeDep
-from service.errors import InvalidInput, VersionNotFound, v2_error_response
+from service.errors import (
+    RETRY_AFTER_SECONDS,
+    InvalidInput,
+    VersionNotFound,
+    v2_error_response,
+)
 from service.model import ModelConfig
 from service.outputs import mc_outputs
 from service.repository import LoadedModel
@@ -137,7 +142,10 @@ async def ready(runtime: RuntimeDep) -> Response:
     """200 when /readyz is: every model loaded (or partial readiness allowed); else 503."""
     ok = health.readiness(runtime).status == "ready"
     body = ServerReady(ready=ok).model_dump_json()
-    return Response(body, status_code=200 if ok else 503, media_type="application/json")
+    if ok:
+        return Response(body, media_type="application/json")
+    retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    return Response(body, status_code=503, headers=retry, media_type="application/json")
 
 
 @router.get("", response_model=ServerMetadata)
