@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+import tritonclient.http.aio as aio
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
@@ -216,6 +217,34 @@ def test_outputs_filter_id_and_binary_per_output(
     want = v1(client, "/v1/models/deep/predict/mc", {"inputs": x.tolist(), **params})
     assert same_bits(result.as_numpy("std"), want["std"], np.float64)
     assert same_bits(result.as_numpy("mean"), want["mean"], np.float64)
+
+
+def test_asyncio_client_concurrent_requests_keep_their_bits(
+    server: LiveServer, client_v2: triton.InferenceServerClient
+) -> None:
+    """tritonclient.http.aio (aiohttp) works too; MC and eval requests interleaved on the
+    server answer the bits that each answers alone."""
+    x = rows("deep", 4)
+    inp = triton.InferInput("input", list(x.shape), "FP32").set_data_from_numpy(x)
+    alone_mc = infer(client_v2, "deep", x, parameters={"n_samples": 200, "seed": 11})
+    alone_eval = infer(client_v2, "deep", x)
+
+    async def together() -> list[triton.InferResult]:
+        async with aio.InferenceServerClient(server.url.removeprefix("http://")) as c:
+            calls = [
+                c.infer("deep", [inp], parameters={"n_samples": 200, "seed": 11})
+                if i % 2
+                else c.infer("deep", [inp])
+                for i in range(12)
+            ]
+            return list(await asyncio.gather(*calls))
+
+    for i, result in enumerate(asyncio.run(together())):
+        if i % 2:
+            assert result.as_numpy("mean").tobytes() == alone_mc.as_numpy("mean").tobytes()
+            assert result.as_numpy("std").tobytes() == alone_mc.as_numpy("std").tobytes()
+        else:
+            assert result.as_numpy("output").tobytes() == alone_eval.as_numpy("output").tobytes()
 
 
 # -- errors, as tritonclient shows them ------------------------------------------------
