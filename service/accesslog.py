@@ -40,7 +40,7 @@ def annotate(**fields: Any) -> None:
         record.update(fields)
 
 
-def configure(enabled: bool) -> None:
+def configure_access_log(enabled: bool) -> None:
     """Send access lines, bare JSON, to stdout; or silence them."""
     log.setLevel(logging.INFO if enabled else logging.CRITICAL + 1)
     log.propagate = False

@@ -16,8 +16,9 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import __version__, accesslog
-from service.api import health, v1
+from service import __version__
+from service.accesslog import AccessLog, configure_access_log
+from service.api import health, v1, v2
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import Metrics, MetricsMiddleware
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(v1.router)
+    app.include_router(v2.router)
     install_error_handlers(app)
 
     @app.get("/metrics", tags=["health"], response_class=Response)
@@ -93,6 +95,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_model=known_model)
-    accesslog.configure(settings.access_log)
-    app.add_middleware(accesslog.AccessLog)  # outermost: its id and latency cover the whole answer
+    configure_access_log(settings.access_log)
+    app.add_middleware(AccessLog)  # outermost: its id and latency cover the whole answer
     return app
