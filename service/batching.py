@@ -1,9 +1,9 @@
 """Dynamic batching of eval requests, with answers that never depend on the batch.
 
 On the CPU a GEMM computes a row with different instructions depending on where the row
-falls among the kernel's row tiles: measured with torch 2.13 here, rows of a pass shorter
-than 8 rows, or in the ragged tail of a pass whose length is not a multiple of 8, differ in
-the last bit from the same rows inside a longer pass. So every eval forward pass goes
+falls among the kernel's row tiles: measured with torch 2.13 here, in a pass whose row
+count is not a multiple of 4 the last rows can differ in the last bit from the same rows
+inside a 64-row pass (which rows, depends on the widths). So every eval forward pass goes
 through ``blocked_predict``, which always hands the engine the same shape (``block_rows``
 rows, zero-padded). A row then meets the same instructions alone or among 63 others, and
 batching changes throughput, never an answer. MC requests are not batched: each owns its

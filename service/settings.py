@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         le=4096,
         multiple_of=8,
         description="Rows of every eval forward pass (zero-padded): what makes batching "
-        "bit-exact. Whole CPU GEMM row tiles (8 on AVX2).",
+        "bit-exact. A multiple of 8, so that no row lands in a ragged GEMM tile.",
     )
     max_queue_size: int = Field(
         256, ge=1, description="Most requests per model in progress at once; more get 503."
