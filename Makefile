@@ -38,3 +38,11 @@ clean:
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/latency.py
+
+# Eval throughput with dynamic batching on against off at 1, 8 and 64 clients; `make bench`
+# runs it too (before bench/latency.py).
+.PHONY: bench-throughput
+bench-throughput: $(VENV)/.installed-dev
+	$(BIN)/python bench/throughput.py
+
+bench: bench-throughput

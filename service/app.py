@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import __version__
+from service.accesslog import AccessLog, configure_access_log
 from service.api import health, v1, v2
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
@@ -60,6 +61,7 @@ async def load_models(app: FastAPI) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     torch.set_num_threads(torch_threads(app.state.settings))
+    app.state.metrics.torch_threads.set(torch.get_num_threads())
     loading = asyncio.create_task(load_models(app))
     try:
         yield
@@ -75,8 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="dropout-service", version=__version__, description=DESCRIPTION, lifespan=lifespan
     )
     app.state.settings = settings
-    app.state.runtime = runtime = Runtime(settings)
     app.state.metrics = metrics = Metrics()
+    app.state.runtime = runtime = Runtime(settings, metrics)
 
     app.include_router(health.router)
     app.include_router(v1.router)
@@ -93,4 +95,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_model=known_model)
+    configure_access_log(settings.access_log)
+    app.add_middleware(AccessLog)  # outermost: its id and latency cover the whole answer
     return app

@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
+        access_log=False,  # service.accesslog writes one JSON line per request instead
     )
     return 0
 
