@@ -38,3 +38,12 @@ clean:
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/latency.py
+
+# The figures of docs/why-dropout-is-off.md, measured on the shipped model (under a minute).
+$(VENV)/.installed-report: $(VENV)/.installed
+	$(PIP) -e '.[report]'
+	@touch $@
+
+.PHONY: report
+report: $(VENV)/.installed-report
+	$(BIN)/dropout-service report --model concrete --out docs/figures
