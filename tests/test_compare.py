@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -11,6 +12,7 @@ import torch
 from service.engine import MLPEngine
 from service.model import ModelConfig
 from service.runtime import train_pass_seeds
+from tests.helpers import LiveServer
 from tests.test_engine import cases, inputs
 
 ROWS = {
@@ -111,3 +113,29 @@ def test_unknown_model_is_404_and_openapi_has_an_example(client: httpx.Client) -
     schemas = spec["components"]["schemas"]
     assert schemas["CompareRequest"]["examples"][0]["seed"] == 7
     assert "gap" in schemas["CompareResponse"]["examples"][0]
+
+
+def test_concurrent_compares_replay_and_leave_eval_untouched(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    bodies = [{"inputs": ROWS["deep"], "n_samples": 200, "seed": s} for s in range(24)]
+    eval_body = {"inputs": ROWS["deep"]}
+
+    def without_timing(answer: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in answer.items() if k != "timing_ms"}
+
+    solo = [without_timing(client.post("/v1/models/deep/compare", json=b).json()) for b in bodies]
+    solo_eval = client.post("/v1/models/deep/predict", json=eval_body).json()
+
+    async def together() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            calls = [c.post("/v1/models/deep/compare", json=b) for b in bodies]
+            calls += [c.post("/v1/models/deep/predict", json=eval_body) for _ in range(16)]
+            responses = await asyncio.gather(*calls)
+        assert all(r.status_code == 200 for r in responses)
+        return [r.json() for r in responses]
+
+    answers = asyncio.run(together())
+    assert [without_timing(a) for a in answers[: len(bodies)]] == solo
+    assert all(a == solo_eval for a in answers[len(bodies) :])
+    assert len({repr(a["train_passes"]) for a in solo}) == len(bodies)
