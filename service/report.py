@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from service.engine import MLPEngine, Scaling
-from service.model import ModelConfig, build_sequential, linears, load_into_sequential
+from service.model import ModelConfig, build_sequential, load_into_sequential
 from service.repository import LoadedModel, ModelLoadError, load_model
 from service.runtime import train_pass_seeds
 from service.training import TrainOptions, fit
@@ -423,108 +423,83 @@ def _dropout_io(
         return train_mean, head(x)
 
 
+WRONG = "vanilla, identity at eval"  # vanilla-trained weights served with torch's rule
+
+
+def _train_both(opts: ReportOptions, x: np.ndarray, y: np.ndarray) -> dict[str, nn.Sequential]:
+    """The toy network trained with each scaling, plus vanilla's weights under identity."""
+    nets: dict[str, nn.Sequential] = {}
+    for scaling in ("inverted", "vanilla"):
+        # Same seed: the same initial weights, batches and masks; only where 1/(1-p) sits differs.
+        config = toy_config(f"toy-{scaling}", VANILLA_P, scaling)
+        nets[scaling] = build_sequential(config)
+        load_into_sequential(nets[scaling], fit(config, x, y, toy_options(opts), scaling))
+    nets[WRONG] = build_sequential(toy_config("toy-wrong", VANILLA_P, "inverted"))
+    nets[WRONG].load_state_dict(nets["vanilla"].state_dict())
+    return nets
+
+
+def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).sum() / np.abs(b).sum())
+
+
 def fig_inverted_vs_vanilla(opts: ReportOptions, out: Path) -> tuple[Figure, dict[str, Any]]:
     plt = _plt()
     x, y = toy_data(opts.seed)
     p = VANILLA_P
-    nets: dict[str, nn.Sequential] = {}
-    configs: dict[str, ModelConfig] = {}
-    for scaling in ("inverted", "vanilla"):
-        # Same seed: the same initial weights, batches and masks; only where 1/(1-p) sits differs.
-        configs[scaling] = toy_config(f"toy-{scaling}", p, scaling)
-        tensors = fit(configs[scaling], x, y, toy_options(opts), scaling)
-        nets[scaling] = build_sequential(configs[scaling])
-        load_into_sequential(nets[scaling], tensors)
+    nets = _train_both(opts, x, y)
     xt = torch.from_numpy(x)
-    act: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for scaling, net in nets.items():
+    act = {}  # label: (eval-mode output, train-mode mean) of the first hidden dropout layer
+    for label, net in nets.items():
         train_mean, eval_out = _dropout_io(net, xt, 2000, opts.seed)
-        act[scaling] = (eval_out.flatten().numpy(), train_mean.flatten().numpy())
-    # The bug: vanilla-trained weights served with torch's identity at eval.
-    wrong = act["vanilla"][0] / (1 - p)
-
-    def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.abs(a - b).sum() / np.abs(b).sum())
-
+        act[label] = (eval_out.flatten().numpy(), train_mean.flatten().numpy())
+    # WRONG shares vanilla's weights but not its training: compare with vanilla's train mean.
+    act[WRONG] = (act[WRONG][0], act["vanilla"][1])
     xs = np.linspace(-5.0, 5.0, 201, dtype=np.float32)
-    grid = torch.from_numpy(xs[:, None])
-    curves = {}
     with torch.no_grad():
-        for scaling, net in nets.items():
-            curves[scaling] = net.eval()(grid)[:, 0].numpy()
-        wrong_net = build_sequential(configs["inverted"])
-        wrong_net.load_state_dict(nets["vanilla"].state_dict())
-        curves["vanilla, identity at eval"] = wrong_net.eval()(grid)[:, 0].numpy()
-        rmse = {}
-        for label, net in (
-            ("inverted", nets["inverted"]),
-            ("vanilla", nets["vanilla"]),
-            ("vanilla, identity at eval", wrong_net),
-        ):
-            rmse[label] = float(torch.sqrt(((net.eval()(xt) - torch.from_numpy(y)) ** 2).mean()))
-    # The layer after the dropped one learns to absorb where 1/(1-p) sits.
-    w_inv = float(linears(nets["inverted"])[1].weight.detach().norm())
-    w_van = float(linears(nets["vanilla"])[1].weight.detach().norm())
+        curves = {
+            k: net.eval()(torch.from_numpy(xs[:, None]))[:, 0].numpy() for k, net in nets.items()
+        }
+        rmse = {
+            k: float((net.eval()(xt) - torch.from_numpy(y)).square().mean().sqrt())
+            for k, net in nets.items()
+        }
+    mismatch = {k: _relative_error(*act[k]) for k in nets}
 
+    colors = {"inverted": "tab:blue", "vanilla": "tab:green", WRONG: "tab:red"}
+    rules = {
+        "inverted": "inverted: identity at eval",
+        "vanilla": f"vanilla: × (1-p) = × {1 - p} at eval",
+        WRONG: "vanilla with identity (wrong)",
+    }
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     lim = float(max(v.max() for pair in act.values() for v in pair)) * 1.05
     a.plot([0, lim], [0, lim], color="0.5", lw=1, ls=":")
-    a.scatter(
-        act["inverted"][0],
-        act["inverted"][1],
-        s=3,
-        color="tab:blue",
-        label="inverted: identity at eval",
-    )
-    a.scatter(
-        act["vanilla"][0],
-        act["vanilla"][1],
-        s=3,
-        color="tab:green",
-        label=f"vanilla: × (1-p) = × {1 - p} at eval",
-    )
-    a.scatter(wrong, act["vanilla"][1], s=3, color="tab:red", label="vanilla with identity (wrong)")
+    for k, (at_eval, in_training) in act.items():
+        a.scatter(at_eval, in_training, s=3, color=colors[k], label=rules[k])
     a.set_xlabel("eval-mode output of the dropout layer")
     a.set_ylabel("train-mode output, mean of 2000 masks")
     a.set_title(f"Expected activation, p = {p}")
     a.legend(fontsize=7, markerscale=3)
     b.scatter(x[:, 0], y[:, 0], s=5, color="k", label="training data")
-    colors = {
-        "inverted": "tab:blue",
-        "vanilla": "tab:green",
-        "vanilla, identity at eval": "tab:red",
-    }
-    for label, curve in curves.items():
-        b.plot(
-            xs,
-            curve,
-            color=colors[label],
-            ls="--" if label == "vanilla" else "-",
-            label=f"{label} (RMSE {rmse[label]:.3f})",
-        )
+    for k, curve in curves.items():
+        style = "--" if k == "vanilla" else "-"
+        b.plot(xs, curve, color=colors[k], ls=style, label=f"{k} (RMSE {rmse[k]:.3f})")
     b.set_ylim(-3, 3)
     b.set_xlabel("x")
     b.set_title("Eval-mode predictions")
     b.legend(fontsize=7, loc="lower left")
-    n = {
-        "p": p,
-        "epochs": opts.toy_epochs,
-        "activation_mismatch_inverted": rel_err(act["inverted"][0], act["inverted"][1]),
-        "activation_mismatch_vanilla": rel_err(act["vanilla"][0], act["vanilla"][1]),
-        "activation_mismatch_vanilla_identity": rel_err(wrong, act["vanilla"][1]),
-        "rmse": rmse,
-        "next_layer_weight_norm_vanilla_over_inverted": w_van / w_inv,
-    }
+    n = {"p": p, "epochs": opts.toy_epochs, "activation_mismatch": mismatch, "rmse": rmse}
     caption = (
         f"The same 1 -> 64 -> 64 -> 1 network, p = {p}, trained from the same seed with "
         f"inverted and with vanilla dropout. Left: the eval-mode output of the first hidden "
         f"dropout layer matches its train-mode mean when each scheme uses its own rule "
-        f"(mean relative error {n['activation_mismatch_inverted']:.3f} inverted, "
-        f"{n['activation_mismatch_vanilla']:.3f} vanilla: MC noise), and is off by 1/(1-p) = "
-        f"{1 / (1 - p):.0f}x ({n['activation_mismatch_vanilla_identity']:.2f}) when vanilla "
-        f"weights meet torch's identity. Right: training-data RMSE {rmse['inverted']:.3f} "
-        f"(inverted), {rmse['vanilla']:.3f} (vanilla with × (1-p)), "
-        f"{rmse['vanilla, identity at eval']:.3f} (vanilla with the identity)."
+        f"(mean relative error {mismatch['inverted']:.3f} inverted, "
+        f"{mismatch['vanilla']:.3f} vanilla: MC noise), and is off by 1/(1-p) = "
+        f"{1 / (1 - p):.0f}x ({mismatch[WRONG]:.2f}) when vanilla weights meet torch's "
+        f"identity. Right: training-data RMSE {rmse['inverted']:.3f} (inverted), "
+        f"{rmse['vanilla']:.3f} (vanilla with × (1-p)), {rmse[WRONG]:.3f} (vanilla with the "
+        "identity)."
     )
     name = _save(fig, out, "fig5_inverted_vs_vanilla.png")
     return Figure(name, "Inverted and vanilla dropout need different inference", caption), n

@@ -67,7 +67,8 @@ def test_report_writes_five_valid_figures_on_one_page(
     assert n["latency"]["mc_ms"][-1] > 0
     assert n["uncertainty_1d"]["model"].startswith("a 1 -> 64")
     v = n["inverted_vs_vanilla"]
-    assert v["activation_mismatch_vanilla_identity"] > 5 * v["activation_mismatch_vanilla"]
+    mismatch = v["activation_mismatch"]
+    assert mismatch["vanilla, identity at eval"] > 5 * mismatch["vanilla"]
     assert "dropout-service report --model deep" in page
 
 
