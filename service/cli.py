@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from importlib.util import find_spec
 from pathlib import Path
 
 from service.report import ReportOptions
@@ -82,6 +83,9 @@ def _report(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
     )
+    if find_spec("matplotlib") is None:
+        print("error: report draws with matplotlib: pip install -e '.[report]'", file=sys.stderr)
+        return 2
     try:
         model = load_model(args.models / args.model)
     except ModelLoadError as exc:

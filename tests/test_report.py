@@ -92,3 +92,16 @@ def test_unknown_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
     argv = ["report", "--model", "nope", "--models", str(tmp_path), "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_missing_matplotlib_is_a_clear_error(
+    models: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("service.cli.find_spec", lambda name: None)
+    argv = ["report", "--model", "deep", "--models", str(models), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert ".[report]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
