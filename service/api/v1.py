@@ -108,6 +108,7 @@ async def compare(
     """
     a = await runtime.compare(name, body.inputs, body.n_samples, body.seed, body.n_train_passes)
     config = a.model.config
+    mc = mc_outputs(config, a.mc)  # the very tensors predict/mc answers with
     return CompareResponse(
         model=config.name,
         version=config.version,
@@ -116,9 +117,9 @@ async def compare(
         eval=a.eval.tolist(),
         train_passes=a.train_passes.tolist(),
         train_pass_seeds=a.train_pass_seeds,
-        mc_mean=a.mc.mean.tolist(),
-        mc_std=a.mc.variance.sqrt().tolist(),
-        gap=(a.mc.mean - a.eval.double()).tolist(),
+        mc_mean=mc["mean"].tolist(),
+        mc_std=mc["std"].tolist(),
+        gap=(mc["mean"] - a.eval.double()).tolist(),
         timing_ms=CompareTiming(
             eval=a.eval_seconds * 1e3,
             train_passes=[s * 1e3 for s in a.train_pass_seconds],
