@@ -46,3 +46,12 @@ bench-throughput: $(VENV)/.installed-dev
 	$(BIN)/python bench/throughput.py
 
 bench: bench-throughput
+
+# The figures of docs/why-dropout-is-off.md, measured on the shipped model (under a minute).
+$(VENV)/.installed-report: $(VENV)/.installed
+	$(PIP) -e '.[report]'
+	@touch $@
+
+.PHONY: report
+report: $(VENV)/.installed-report
+	$(BIN)/dropout-service report --model concrete --out docs/figures

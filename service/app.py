@@ -34,6 +34,8 @@ Serves PyTorch MLPs with dropout.
 * `predict`: eval mode, dropout off. The same input gives the same bits, always.
 * `predict/mc`: Monte-Carlo dropout, T seeded stochastic passes: mean, variance and (for
   classifiers) entropy and mutual information. Send the returned `seed` back to replay.
+* `compare`: eval, single train-mode passes and MC side by side, with timings: why
+  production serves eval.
 """
 
 

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from service.accesslog import annotate
@@ -39,6 +40,28 @@ class MCAnswer:
     n_samples: int
     seed: int
     result: MCResult
+
+
+@dataclass(frozen=True)
+class CompareAnswer:
+    """Eval, ``k`` single train-mode passes and MC for the same rows, each with its time."""
+
+    model: LoadedModel
+    n_samples: int
+    seed: int
+    eval: torch.Tensor  # (B, out)
+    train_pass_seeds: list[int]
+    train_passes: torch.Tensor  # (k, B, out)
+    mc: MCResult
+    eval_seconds: float
+    train_pass_seconds: list[float]
+    mc_seconds: float
+
+
+def train_pass_seeds(seed: int, k: int) -> list[int]:
+    """``k`` independent 63-bit seeds derived from ``seed`` (numpy's SeedSequence spawning)."""
+    children = np.random.SeedSequence(seed).spawn(k)
+    return [int(c.generate_state(1, np.uint64)[0]) >> 1 for c in children]
 
 
 class Runtime:
@@ -137,6 +160,49 @@ class Runtime:
         self.metrics.compute.labels(model.config.name, "mc").observe(timing.compute_s)
         self._observe(model, "mc", timing)
         return MCAnswer(model=model, n_samples=n, seed=seed, result=result)
+
+    async def compare(
+        self,
+        name: str,
+        inputs: list[list[float]],
+        n_samples: int | None,
+        seed: int | None,
+        n_train_passes: int,
+    ) -> CompareAnswer:
+        """What eval, a model left in train mode, and MC dropout answer to the same rows."""
+        model = self.model(name)
+        x = self.to_tensor(model, inputs)
+        n = self.n_samples(n_samples)
+        seed = secrets.randbits(63) if seed is None else seed
+        seeds = train_pass_seeds(seed, n_train_passes)
+        engine = model.engine
+
+        def run() -> CompareAnswer:
+            start = time.perf_counter()
+            eval_out = engine.predict(x)
+            eval_s = time.perf_counter() - start
+            passes, pass_s = [], []
+            for s in seeds:
+                start = time.perf_counter()
+                passes.append(engine.train_pass(x, s))
+                pass_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            mc = engine.predict_mc(x, n, seed)
+            mc_s = time.perf_counter() - start
+            return CompareAnswer(
+                model=model,
+                n_samples=n,
+                seed=seed,
+                eval=eval_out,
+                train_pass_seeds=seeds,
+                train_passes=torch.stack(passes),
+                mc=mc,
+                eval_seconds=eval_s,
+                train_pass_seconds=pass_s,
+                mc_seconds=mc_s,
+            )
+
+        return await self._run(run)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
