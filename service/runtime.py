@@ -176,10 +176,12 @@ class Runtime:
         seed = secrets.randbits(63) if seed is None else seed
         seeds = train_pass_seeds(seed, n_train_passes)
         engine = model.engine
+        annotate(model=model.config.name, rows=len(x), n_samples=n)
 
         def run() -> CompareAnswer:
             start = time.perf_counter()
-            eval_out = engine.predict(x)
+            # The same fixed-block pass as predict, so the two answer the same bits.
+            eval_out = blocked_predict(engine, x, self.settings.eval_block_rows)
             eval_s = time.perf_counter() - start
             passes, pass_s = [], []
             for s in seeds:
@@ -202,7 +204,8 @@ class Runtime:
                 mc_seconds=mc_s,
             )
 
-        return await self._run(run)
+        async with self._admission.admit(model.config.name):
+            return await self._run(run)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
