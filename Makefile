@@ -39,6 +39,23 @@ clean:
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/latency.py
 
+# Eval throughput with dynamic batching on against off at 1, 8 and 64 clients; `make bench`
+# runs it too (before bench/latency.py).
+.PHONY: bench-throughput
+bench-throughput: $(VENV)/.installed-dev
+	$(BIN)/python bench/throughput.py
+
+bench: bench-throughput
+
+# The figures of docs/why-dropout-is-off.md, measured on the shipped model (under a minute).
+$(VENV)/.installed-report: $(VENV)/.installed
+	$(PIP) -e '.[report]'
+	@touch $@
+
+.PHONY: report
+report: $(VENV)/.installed-report
+	$(BIN)/dropout-service report --model concrete --out docs/figures
+
 # Container and cluster checks (hadolint, the replayed image, kubernetes-validate): part of
 # `make test`; `make check-container` runs them alone.
 .PHONY: check-container

@@ -183,6 +183,8 @@ def test_kserve_container_is_a_valid_container_on_kserves_port() -> None:
     assert ref["containerName"] == c["name"]
     assert c["securityContext"]["runAsUser"] == image_uid()
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
-    # The Open Inference Protocol's health endpoints.
+    # The Open Inference Protocol's health endpoints, served by the app.
+    routes = set(create_app(Settings()).openapi()["paths"])
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert {"/v2/health/live", "/v2/health/ready", "/v2/models/{name}/infer"} <= routes

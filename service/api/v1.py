@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from fastapi import APIRouter, Path
 
 from service.api.deps import RuntimeDep
 from service.engine import MCResult
 from service.model import ModelConfig
+from service.outputs import mc_outputs
 from service.schemas import (
+    CompareRequest,
+    CompareResponse,
+    CompareTiming,
     MCRequest,
     MCResponse,
     ModelList,
@@ -83,23 +86,43 @@ async def predict_mc(body: MCRequest, runtime: RuntimeDep, name: str = ModelName
 
 
 def mc_response(config: ModelConfig, n_samples: int, seed: int, result: MCResult) -> MCResponse:
-    variance = result.variance
-    fields: dict[str, Any] = {}
-    if config.noise_variance is not None:
-        noise = torch.tensor(config.noise_variance, dtype=torch.float64)
-        fields["predictive_variance"] = (variance + noise).tolist()
-    if result.entropy is not None and result.mutual_information is not None:
-        fields["entropy"] = result.entropy.tolist()
-        fields["mutual_information"] = result.mutual_information.tolist()
-    if result.samples is not None:
-        fields["samples"] = result.samples.tolist()
+    fields: dict[str, Any] = {k: t.tolist() for k, t in mc_outputs(config, result).items()}
     return MCResponse(
         model=config.name,
         version=config.version,
         n_samples=n_samples,
         seed=seed,
-        mean=result.mean.tolist(),
-        variance=variance.tolist(),
-        std=variance.sqrt().tolist(),
         **fields,
+    )
+
+
+@router.post("/models/{name}/compare", response_model=CompareResponse, responses=_PREDICT_ERRORS)
+async def compare(
+    body: CompareRequest, runtime: RuntimeDep, name: str = ModelName
+) -> CompareResponse:
+    """Eval against train-mode passes against MC dropout, for the same rows, with timings.
+
+    Shows why production serves eval: `train_passes` is what a service that forgot
+    `model.eval()` answers to identical calls (they differ); `gap` is how far eval's cheap
+    weight-scaling approximation sits from the MC mean.
+    """
+    a = await runtime.compare(name, body.inputs, body.n_samples, body.seed, body.n_train_passes)
+    config = a.model.config
+    mc = mc_outputs(config, a.mc)  # the very tensors predict/mc answers with
+    return CompareResponse(
+        model=config.name,
+        version=config.version,
+        n_samples=a.n_samples,
+        seed=a.seed,
+        eval=a.eval.tolist(),
+        train_passes=a.train_passes.tolist(),
+        train_pass_seeds=a.train_pass_seeds,
+        mc_mean=mc["mean"].tolist(),
+        mc_std=mc["std"].tolist(),
+        gap=(mc["mean"] - a.eval.double()).tolist(),
+        timing_ms=CompareTiming(
+            eval=a.eval_seconds * 1e3,
+            train_passes=[s * 1e3 for s in a.train_pass_seconds],
+            mc=a.mc_seconds * 1e3,
+        ),
     )
