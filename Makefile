@@ -55,3 +55,16 @@ $(VENV)/.installed-report: $(VENV)/.installed
 .PHONY: report
 report: $(VENV)/.installed-report
 	$(BIN)/dropout-service report --model concrete --out docs/figures
+
+# Container and cluster checks (hadolint, the replayed image, kubernetes-validate): part of
+# `make test`; `make check-container` runs them alone.
+.PHONY: check-container
+
+$(VENV)/.installed-deploy: $(VENV)/.installed-dev
+	$(PIP) -e '.[dev,deploy]'
+	@touch $@
+
+test: $(VENV)/.installed-deploy
+
+check-container: $(VENV)/.installed-deploy
+	$(BIN)/python -m pytest tests/test_container.py tests/test_deploy.py

@@ -15,6 +15,8 @@ from service.report import ReportOptions
 from service.settings import Settings
 from service.training import TrainOptions
 
+WORKER_HEALTHCHECK_TIMEOUT_S = 60
+
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -42,6 +44,10 @@ def _serve(args: argparse.Namespace) -> int:
         workers=settings.workers,
         log_level=settings.log_level,
         access_log=False,  # service.accesslog writes one JSON line per request instead
+        # With --workers > 1 the supervisor kills a worker that does not answer its ping in
+        # time; uvicorn's 5 s is shorter than importing torch on a busy or CPU-limited box,
+        # which left every worker in a kill-and-respawn loop (tests/test_container.py).
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S,
     )
     return 0
 

@@ -24,6 +24,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Poll /readyz until 200; fail with the server's output if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        time.sleep(0.1)
+    pytest.fail(f"{url} did not become ready in {timeout} s")
+
+
 @pytest.fixture(scope="module")
 def served() -> Iterator[str]:
     port = free_port()
@@ -37,17 +51,7 @@ def served() -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            time.sleep(0.1)
-        else:
-            pytest.fail("service did not become ready")
+        wait_ready(url, proc, timeout=60)
         yield url
     finally:
         proc.terminate()
