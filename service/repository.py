@@ -61,7 +61,8 @@ class ModelRepository:
         """Load every folder under ``root``; a missing root is an empty repository.
 
         A folder without ``config.json`` is refused like any other damaged model, not skipped:
-        a rollout that lost a config must not look healthy. Hidden folders are ignored.
+        a rollout that lost a config must not look healthy. Names starting with . or _ are
+        not model folders.
         """
         repo = cls()
         folders = sorted(p for p in root.iterdir() if _is_model_folder(p)) if root.is_dir() else []
