@@ -60,6 +60,15 @@ def mc(rng: random.Random, inputs: list[list[float]], samples: bool = False) -> 
     return body
 
 
+def v2_infer(rng: random.Random, inputs: list[list[float]]) -> Body:
+    """Open Inference Protocol request: eval, or seeded MC when a coin says so."""
+    tensor = {"name": "input", "shape": [len(inputs), len(inputs[0])], "datatype": "FP32"}
+    body: Body = {"inputs": [{**tensor, "data": inputs}]}
+    if rng.random() < 0.5:
+        body["parameters"] = {"n_samples": rng.choice([10, 100]), "seed": rng.randrange(2**63)}
+    return body
+
+
 @dataclass(frozen=True)
 class Traffic:
     """One kind of request: where it goes, how often, and how to make a body."""
@@ -90,6 +99,12 @@ MIX = [
         1,
         "/v1/models/clf/predict/mc",
         lambda r: mc(r, rows(r, 5), samples=True),
+    ),
+    Traffic(
+        "v2 infer concrete",
+        2,
+        "/v2/models/concrete/infer",
+        lambda r: v2_infer(r, rows(r, 8, CONCRETE_ROW)),
     ),
 ]
 

@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import __version__
-from service.api import health, v1
+from service.api import health, v1, v2
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit, JSONGuard
 from service.metrics import Metrics, MetricsMiddleware
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(v1.router)
+    app.include_router(v2.router)
     install_error_handlers(app)
 
     @app.get("/metrics", tags=["health"], response_class=Response)

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 
@@ -25,12 +26,22 @@ class ModelNotFound(ServiceError):
 
 
 class InvalidInput(ServiceError):
-    """422: the request parsed but does not fit the model or the limits; names the field."""
+    """422 (400 in v2): the request parsed but does not fit the model or the limits; names
+    the field."""
 
     def __init__(self, loc: Sequence[str | int], msg: str) -> None:
         super().__init__(msg)
         self.loc = ["body", *loc]
         self.msg = msg
+
+
+class VersionNotFound(ServiceError):
+    """404: the model is served, but not in the version the path names (v2)."""
+
+    def __init__(self, name: str, version: str, served: str) -> None:
+        super().__init__(
+            f"model {name[:64]!r} has no version {version[:64]!r}; served version: {served!r}"
+        )
 
 
 class NotReady(ServiceError):
@@ -43,6 +54,7 @@ class Overloaded(ServiceError):
 
 STATUS: dict[type[ServiceError], int] = {
     ModelNotFound: 404,
+    VersionNotFound: 404,
     InvalidInput: 422,
     NotReady: 503,
     Overloaded: 503,
@@ -86,6 +98,31 @@ def _body_not_json(request: Request, exc: RequestValidationError) -> bool:
     return not is_json_media_type(request.headers.get("content-type")) and any(
         tuple(e["loc"]) == ("body",) and e["type"] == "model_attributes_type" for e in exc.errors()
     )
+
+
+def v2_error_response(exc: Exception) -> JSONResponse | None:
+    """The Open Inference Protocol answer ``{"error": "..."}`` for ``exc``, or None if not ours.
+
+    The protocol answers bad input with 400 (v1 says 422); the other statuses are v1's.
+    """
+    headers = None
+    if isinstance(exc, ServiceError):
+        status = 400 if isinstance(exc, InvalidInput) else STATUS[type(exc)]
+        message = str(exc)
+        if status == 503:
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    elif isinstance(exc, RequestValidationError | ValidationError):
+        status, message = 400, _describe(exc.errors())
+    elif isinstance(exc, HTTPException):
+        status, message = exc.status_code, str(exc.detail)
+    else:
+        return None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _describe(errors: Sequence[Any]) -> str:
+    """One line per bad field, ``a.0.b: message``, without echoing the offending value."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
 
 
 def install_error_handlers(app: FastAPI) -> None:

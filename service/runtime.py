@@ -21,6 +21,8 @@ from service.repository import LoadedModel, ModelRepository
 from service.settings import Settings
 
 T = TypeVar("T")
+#: Request rows as JSON gives them, or a ``(B, in)`` tensor decoded from binary data.
+Inputs = list[list[float]] | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -46,20 +48,24 @@ class Runtime:
             raise NotReady("models are still loading")
         return self.repository.get(name)
 
-    def to_tensor(self, model: LoadedModel, inputs: list[list[float]]) -> torch.Tensor:
-        """Check rows and widths against the model and the limits; return ``(B, in)``."""
+    def to_tensor(self, model: LoadedModel, inputs: Inputs) -> torch.Tensor:
+        """Check rows and widths against the model and the limits; return ``(B, in)``.
+
+        ``inputs`` is JSON rows (v1) or an already decoded ``(B, in)`` tensor (v2 tensors).
+        """
         if len(inputs) > self.settings.max_rows:
             raise InvalidInput(
                 ["inputs"], f"{len(inputs)} rows exceed the maximum of {self.settings.max_rows}"
             )
         width = model.config.input_dim
-        for i, row in enumerate(inputs):
+        rows = inputs[:1] if isinstance(inputs, torch.Tensor) else inputs  # one width per tensor
+        for i, row in enumerate(rows):
             if len(row) != width:
                 raise InvalidInput(
                     ["inputs", i],
                     f"row {i} has {len(row)} values; model {model.config.name!r} expects {width}",
                 )
-        x = torch.tensor(inputs, dtype=torch.float32)
+        x = torch.as_tensor(inputs, dtype=torch.float32)
         if not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).any(1).nonzero()[0, 0])
             raise InvalidInput(["inputs", bad], f"row {bad} holds a value beyond float32 range")
@@ -73,9 +79,7 @@ class Runtime:
             )
         return n
 
-    async def predict(
-        self, name: str, inputs: list[list[float]]
-    ) -> tuple[LoadedModel, torch.Tensor]:
+    async def predict(self, name: str, inputs: Inputs) -> tuple[LoadedModel, torch.Tensor]:
         model = self.model(name)
         x = self.to_tensor(model, inputs)
         return model, await self._run(model.engine.predict, x)
@@ -83,7 +87,7 @@ class Runtime:
     async def predict_mc(
         self,
         name: str,
-        inputs: list[list[float]],
+        inputs: Inputs,
         n_samples: int | None,
         seed: int | None,
         return_samples: bool = False,

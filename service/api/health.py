@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import RuntimeDep
 from service.errors import RETRY_AFTER_SECONDS
+from service.runtime import Runtime
 from service.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -25,16 +26,20 @@ async def healthz() -> Health:
 )
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     """200 once every model is loaded; 503 (with Retry-After) before, or if one was refused."""
-    repo = runtime.repository
-    if repo is None:
-        body = Readiness(status="loading")
-    else:
-        ok = bool(repo.models) and (not repo.failures or runtime.settings.allow_partial_ready)
-        body = Readiness(
-            status="ready" if ok else "not ready", models=sorted(repo.models), failed=repo.failures
-        )
+    body = readiness(runtime)
     if body.status == "ready":
         return JSONResponse(body.model_dump())
     return JSONResponse(
         body.model_dump(), status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+    )
+
+
+def readiness(runtime: Runtime) -> Readiness:
+    """The verdict /readyz and /v2/health/ready share."""
+    repo = runtime.repository
+    if repo is None:
+        return Readiness(status="loading")
+    ok = bool(repo.models) and (not repo.failures or runtime.settings.allow_partial_ready)
+    return Readiness(
+        status="ready" if ok else "not ready", models=sorted(repo.models), failed=repo.failures
     )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from fastapi import APIRouter, Path
 
 from service.api.deps import RuntimeDep
 from service.engine import MCResult
 from service.model import ModelConfig
+from service.outputs import mc_outputs
 from service.schemas import (
     ErrorBody,
     MCRequest,
@@ -91,23 +91,11 @@ async def predict_mc(body: MCRequest, runtime: RuntimeDep, name: str = ModelName
 
 
 def mc_response(config: ModelConfig, n_samples: int, seed: int, result: MCResult) -> MCResponse:
-    variance = result.variance
-    fields: dict[str, Any] = {}
-    if config.noise_variance is not None:
-        noise = torch.tensor(config.noise_variance, dtype=torch.float64)
-        fields["predictive_variance"] = (variance + noise).tolist()
-    if result.entropy is not None and result.mutual_information is not None:
-        fields["entropy"] = result.entropy.tolist()
-        fields["mutual_information"] = result.mutual_information.tolist()
-    if result.samples is not None:
-        fields["samples"] = result.samples.tolist()
+    fields: dict[str, Any] = {k: t.tolist() for k, t in mc_outputs(config, result).items()}
     return MCResponse(
         model=config.name,
         version=config.version,
         n_samples=n_samples,
         seed=seed,
-        mean=result.mean.tolist(),
-        variance=variance.tolist(),
-        std=variance.sqrt().tolist(),
         **fields,
     )

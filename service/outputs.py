@@ -1,0 +1,27 @@
+"""The named output tensors of an MC answer, shared by every protocol front end.
+
+v1 sends them as JSON lists, v2 as tensors; both take them from here, so the two APIs serve
+the same bits for the same model, inputs, ``n_samples`` and seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from service.engine import MCResult
+from service.model import ModelConfig
+
+
+def mc_outputs(config: ModelConfig, result: MCResult) -> dict[str, torch.Tensor]:
+    """``mean``, ``variance``, ``std`` and the task's extras, float64 (``samples`` float32)."""
+    variance = result.variance
+    outputs = {"mean": result.mean, "variance": variance, "std": variance.sqrt()}
+    if config.noise_variance is not None:
+        noise = torch.tensor(config.noise_variance, dtype=torch.float64)
+        outputs["predictive_variance"] = variance + noise
+    if result.entropy is not None and result.mutual_information is not None:
+        outputs["entropy"] = result.entropy
+        outputs["mutual_information"] = result.mutual_information
+    if result.samples is not None:
+        outputs["samples"] = result.samples
+    return outputs

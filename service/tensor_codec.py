@@ -1,0 +1,113 @@
+"""Open Inference Protocol tensors to and from torch: JSON ``data`` and binary tensor data.
+
+The binary tensor data extension (Triton's ``binary_tensor_data``): a body is a JSON header
+followed by raw tensor bytes, and the ``Inference-Header-Content-Length`` HTTP header gives
+the header's length. Each binary tensor states its byte count in
+``parameters.binary_data_size``; the chunks follow the header in tensor order, row-major and
+little-endian. Responses use the same layout. No HTTP framework here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.errors import InvalidInput
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+#: Datatypes this service reads and writes, with their little-endian numpy layout.
+DATATYPES: dict[str, tuple[torch.dtype, str]] = {
+    "FP32": (torch.float32, "<f4"),
+    "FP64": (torch.float64, "<f8"),
+}
+_NAMES = {dtype: name for name, (dtype, _) in DATATYPES.items()}
+_NUMBERS = (int, float)  # exact types: JSON true/false arrive as bool, which is not a number
+
+
+def _bad(where: str, msg: str) -> InvalidInput:
+    return InvalidInput([where], f"{where}: {msg}")
+
+
+def datatype_of(t: torch.Tensor) -> str:
+    return _NAMES[t.dtype]
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """``(json header, binary tail)``; without the HTTP header the whole body is JSON."""
+    if header_length is None:
+        return body, b""
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise _bad(
+            HEADER_LENGTH,
+            f"{header_length[:32]!r} is not a byte count within the {len(body)}-byte body",
+        )
+    n = int(header_length)
+    return body[:n], body[n:]
+
+
+def binary_chunks(sizes: Sequence[int | None], tail: bytes) -> list[bytes | None]:
+    """Cut ``tail`` into the chunks of the tensors that carry ``binary_data_size`` (else None)."""
+    chunks: list[bytes | None] = []
+    offset = 0
+    for size in sizes:
+        if size is None:
+            chunks.append(None)
+            continue
+        if offset + size > len(tail):
+            raise _bad("binary_data_size", f"tensors claim more than the {len(tail)} binary bytes")
+        chunks.append(tail[offset : offset + size])
+        offset += size
+    if offset != len(tail):
+        raise _bad(
+            "binary_data_size",
+            f"tensors claim {offset} binary bytes but the body holds {len(tail)} after the header",
+        )
+    return chunks
+
+
+def from_bytes(raw: bytes, shape: Sequence[int], datatype: str, where: str) -> torch.Tensor:
+    """A tensor of ``shape`` from little-endian row-major bytes."""
+    dtype, layout = DATATYPES[datatype]
+    count = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(raw) != count * itemsize:
+        raise _bad(
+            where,
+            f"{len(raw)} bytes of binary data; shape {list(shape)} of {datatype} "
+            f"needs {count * itemsize}",
+        )
+    # A native-order copy: torch refuses to wrap the read-only request bytes.
+    array = np.frombuffer(raw, dtype=layout).astype(dtype=layout[1:], copy=True)
+    return torch.from_numpy(array).reshape(tuple(shape))
+
+
+def from_json(data: Any, shape: Sequence[int], datatype: str, where: str) -> torch.Tensor:
+    """A tensor of ``shape`` from JSON numbers, nested or flat, in row-major order."""
+    flat = data if isinstance(data, list) else [data]
+    # One scan per nesting level, in comprehensions: flat data (what clients send) costs a
+    # single pass; a per-element recursion cost ~2x more.
+    while (bad := next((v for v in flat if type(v) not in _NUMBERS), flat)) is not flat:
+        if type(bad) is not list:
+            raise _bad(where, f"holds {type(bad).__name__} where a number belongs")
+        flat = [w for v in flat for w in (v if type(v) is list else (v,))]
+    count = math.prod(shape)
+    if len(flat) != count:
+        raise _bad(where, f"{len(flat)} values; shape {list(shape)} needs {count}")
+    return torch.tensor(flat, dtype=DATATYPES[datatype][0]).reshape(tuple(shape))
+
+
+def to_bytes(t: torch.Tensor) -> bytes:
+    """Little-endian row-major bytes of ``t``."""
+    layout = DATATYPES[datatype_of(t)][1]
+    return np.ascontiguousarray(t.numpy(), dtype=layout).tobytes()
+
+
+def to_json(t: torch.Tensor) -> list[float]:
+    """Row-major flat values; ``tolist`` gives each float's exact double, as v1 sends it."""
+    values: list[float] = t.reshape(-1).tolist()
+    return values

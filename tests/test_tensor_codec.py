@@ -1,0 +1,124 @@
+"""The tensor codec without HTTP, checked against tritonclient's own encoder and decoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton
+
+from service.api.v2 import input_tensor
+from service.errors import InvalidInput
+from service.schemas_v2 import InferenceRequest
+from service.tensor_codec import (
+    binary_chunks,
+    datatype_of,
+    from_bytes,
+    from_json,
+    split_body,
+    to_bytes,
+    to_json,
+)
+from tests.helpers import tiny_regression_config
+
+
+def test_split_body_without_header_length_is_all_json() -> None:
+    assert split_body(b'{"a": 1}', None) == (b'{"a": 1}', b"")
+
+
+def test_split_body_cuts_at_the_header_length() -> None:
+    assert split_body(b"{}\x01\x02", "2") == (b"{}", b"\x01\x02")
+
+
+@pytest.mark.parametrize("length", ["5", "-1", "x", "", "1e3"])
+def test_split_body_refuses_a_bad_header_length(length: str) -> None:
+    with pytest.raises(InvalidInput, match="Inference-Header-Content-Length"):
+        split_body(b"{}\x01", length)
+
+
+def test_binary_chunks_follow_tensor_order() -> None:
+    assert binary_chunks([2, None, 3], b"abcde") == [b"ab", None, b"cde"]
+
+
+@pytest.mark.parametrize(("sizes", "tail"), [([4], b"abc"), ([2], b"abc"), ([None], b"a")])
+def test_binary_chunks_must_account_for_every_byte(sizes: list[int | None], tail: bytes) -> None:
+    with pytest.raises(InvalidInput, match="binary_data_size"):
+        binary_chunks(sizes, tail)
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+def test_bytes_round_trip_is_little_endian_row_major(datatype: str) -> None:
+    dtype = np.float32 if datatype == "FP32" else np.float64
+    a = np.arange(6, dtype=dtype).reshape(2, 3) / 7
+    raw = a.astype(a.dtype.newbyteorder("<")).tobytes(order="C")
+    t = from_bytes(raw, [2, 3], datatype, "x")
+    assert t.dtype == (torch.float32 if datatype == "FP32" else torch.float64)
+    assert np.array_equal(t.numpy(), a)
+    assert to_bytes(t) == raw
+    assert datatype_of(t) == datatype
+
+
+def test_from_bytes_refuses_a_length_that_does_not_fit_the_shape() -> None:
+    with pytest.raises(InvalidInput, match="needs 24"):
+        from_bytes(b"\x00" * 20, [2, 3], "FP32", "input 'input'")
+
+
+@pytest.mark.parametrize("data", [[1, 2.5, 3, 4], [[1, 2.5], [3, 4]], [[[1], [2.5]], [3, [4]]]])
+def test_from_json_takes_flat_or_nested_rows(data: list[object]) -> None:
+    t = from_json(data, [2, 2], "FP32", "x")  # type: ignore[arg-type]
+    assert t.tolist() == [[1.0, 2.5], [3.0, 4.0]]
+    assert t.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ([1, 2, 3], "3 values"),
+        ([[1, 2], [3]], "3 values"),
+        ([1, True, 3, 4], "bool"),
+        ([[1, 2], [3, "4"]], "str"),
+        ([[1, 2], [3, None]], "NoneType"),
+        (None, "NoneType"),
+        ({"a": 1}, "dict"),
+    ],
+)
+def test_from_json_refuses_wrong_counts_and_non_numbers(data: object, match: str) -> None:
+    with pytest.raises(InvalidInput, match=match):
+        from_json(data, [2, 2], "FP32", "x")  # type: ignore[arg-type]
+
+
+def test_to_json_is_flat_and_exact() -> None:
+    t = torch.tensor([[0.1, 0.2]], dtype=torch.float32)
+    assert to_json(t) == [float(np.float32(0.1)), float(np.float32(0.2))]
+
+
+def test_decodes_the_request_tritonclient_encodes() -> None:
+    config = tiny_regression_config(input_dim=3)
+    x = np.array([[1.5, -2.25, 3.0], [0.1, 1e-30, -7.0]], dtype=np.float32)
+    for binary in (True, False):
+        inp = triton.InferInput("input", [2, 3], "FP32").set_data_from_numpy(x, binary)
+        body, json_size = triton.InferenceServerClient.generate_request_body(
+            [inp], parameters={"seed": 7}
+        )
+        assert (json_size is not None) == binary
+        header, tail = split_body(body, None if json_size is None else str(json_size))
+        request = InferenceRequest.model_validate_json(header)
+        t = input_tensor(config, request, tail)
+        assert t.dtype == torch.float32
+        assert t.numpy().tobytes() == x.tobytes()
+        assert request.parameters is not None
+        assert request.parameters.seed == 7
+
+
+def test_tritonclient_decodes_what_the_codec_encodes() -> None:
+    mean = torch.tensor([[1 / 3, 2 / 3]], dtype=torch.float64)
+    output = torch.tensor([[0.1, 0.7]], dtype=torch.float32)
+    chunk = to_bytes(mean)
+    header = (
+        '{"model_name":"m","outputs":['
+        f'{{"name":"mean","shape":[1,2],"datatype":"FP64","parameters":{{"binary_data_size":{len(chunk)}}}}},'
+        f'{{"name":"output","shape":[1,2],"datatype":"FP32","data":{to_json(output)}}}]}}'
+    ).encode()
+    result = triton.InferResult.from_response_body(header + chunk, header_length=len(header))
+    assert result.as_numpy("mean").tobytes() == mean.numpy().tobytes()
+    assert result.as_numpy("output").tobytes() == output.numpy().tobytes()
