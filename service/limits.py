@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import InvalidInput, error_response, is_json_media_type
+from service.errors import InvalidInput, error_response, is_json_media_type, v2_error_response
 
 # A JSON string, possibly unterminated. Possessive quantifiers keep the match linear: a body
 # of a million backslashes and quotes cannot make the regex backtrack.
@@ -106,7 +106,10 @@ class JSONGuard:
             return
         problem = json_problem(body, self.max_depth)
         if problem is not None:
-            await error_response(InvalidInput([], problem))(scope, receive, send)
+            error = InvalidInput([], problem)
+            # Each protocol answers bad input its own way: v2 with 400 {"error": ...}.
+            v2 = scope["path"].startswith("/v2/") and v2_error_response(error)
+            await (v2 or error_response(error))(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
 

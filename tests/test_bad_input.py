@@ -233,6 +233,18 @@ BATTERY = [
 ]
 
 
+# Open Inference Protocol (v2): bad input is its 400 {"error": ...} (tests/test_v2.py has the
+# protocol's own cases); these are the rows where the shared guards meet v2.
+V2_INFER = "/v2/models/tiny/infer"
+BATTERY += [
+    Bad("v2-depth", 400, "nested 100000 levels deep", raw=nested(100_000).encode(), path=V2_INFER),
+    Bad("v2-not-utf8", 400, "not UTF-8", raw=b'{"inputs": "\xff"}', path=V2_INFER),
+    Bad("v2-50MB", 413, "over the limit", raw=b"x" * (50 * MB), path=V2_INFER),
+    Bad("v2-unknown-model", 404, "not found", body={"inputs": []}, path="/v2/models/nope/infer"),
+    Bad("v2-wrong-method", 405, "not allowed", method="PUT", path="/v2/health/live"),
+]
+
+
 def send(client: httpx.Client, case: Bad) -> httpx.Response:
     content = case.raw if case.raw is not None else None
     if content is None and case.body is not None:
@@ -249,6 +261,8 @@ def send(client: httpx.Client, case: Bad) -> httpx.Response:
 
 
 def messages(body: Any) -> list[str]:
+    if "error" in body:  # Open Inference Protocol (v2) errors
+        return [body["error"]]
     detail = body["detail"]
     return [e["msg"] for e in detail] if isinstance(detail, list) else [detail]
 
