@@ -46,3 +46,20 @@ fuzz: $(VENV)/.installed-dev
 # Minutes of mixed traffic from 64 loopback clients; figures in docs/reliability.md.
 soak: $(VENV)/.installed-dev
 	$(BIN)/python bench/soak.py --duration 300 --warmup 60
+
+# Eval throughput with dynamic batching on against off at 1, 8 and 64 clients; `make bench`
+# runs it too (before bench/latency.py).
+.PHONY: bench-throughput
+bench-throughput: $(VENV)/.installed-dev
+	$(BIN)/python bench/throughput.py
+
+bench: bench-throughput
+
+# The figures of docs/why-dropout-is-off.md, measured on the shipped model (under a minute).
+$(VENV)/.installed-report: $(VENV)/.installed
+	$(PIP) -e '.[report]'
+	@touch $@
+
+.PHONY: report
+report: $(VENV)/.installed-report
+	$(BIN)/dropout-service report --model concrete --out docs/figures

@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import __version__
+from service.accesslog import AccessLog, configure_access_log
 from service.api import health, v1, v2
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit, JSONGuard
@@ -33,6 +34,8 @@ Serves PyTorch MLPs with dropout.
 * `predict`: eval mode, dropout off. The same input gives the same bits, always.
 * `predict/mc`: Monte-Carlo dropout, T seeded stochastic passes: mean, variance and (for
   classifiers) entropy and mutual information. Send the returned `seed` back to replay.
+* `compare`: eval, single train-mode passes and MC side by side, with timings: why
+  production serves eval.
 """
 
 
@@ -60,6 +63,7 @@ async def load_models(app: FastAPI) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     torch.set_num_threads(torch_threads(app.state.settings))
+    app.state.metrics.torch_threads.set(torch.get_num_threads())
     loading = asyncio.create_task(load_models(app))
     try:
         yield
@@ -75,8 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="dropout-service", version=__version__, description=DESCRIPTION, lifespan=lifespan
     )
     app.state.settings = settings
-    app.state.runtime = runtime = Runtime(settings)
     app.state.metrics = metrics = Metrics()
+    app.state.runtime = runtime = Runtime(settings, metrics)
 
     app.include_router(health.router)
     app.include_router(v1.router)
@@ -95,4 +99,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(JSONGuard, max_depth=settings.max_json_depth)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_model=known_model)
+    configure_access_log(settings.access_log)
+    app.add_middleware(AccessLog)  # outermost: its id and latency cover the whole answer
     return app

@@ -1,13 +1,17 @@
-"""Command line: ``dropout-service serve`` and ``dropout-service train``."""
+"""Command line: ``dropout-service serve``, ``train`` and ``report``."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import signal
+import sys
 from collections.abc import Sequence
+from dataclasses import asdict
+from importlib.util import find_spec
 from pathlib import Path
 
+from service.report import ReportOptions
 from service.settings import Settings
 from service.training import TrainOptions
 
@@ -37,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
+        access_log=False,  # service.accesslog writes one JSON line per request instead
     )
     return 0
 
@@ -56,6 +61,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         mc_samples=args.mc_samples,
         progress=not args.quiet,
+        scaling=args.scaling,
     )
     dataset = UCIDataset.load(args.dataset)
     out = args.out or Path("models") / dataset.name
@@ -63,6 +69,34 @@ def _train(args: argparse.Namespace) -> int:
     print(f"wrote {out} in {report.seconds:.1f} s")
     for key, value in report.metrics.items():
         print(f"  {key}: {value}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from service.report import build_report
+    from service.repository import ModelLoadError, load_model
+
+    opts = ReportOptions(
+        repeats=args.repeats,
+        max_samples=args.max_samples,
+        latency_repeats=args.latency_repeats,
+        toy_epochs=args.toy_epochs,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    if find_spec("matplotlib") is None:
+        print("error: report draws with matplotlib: pip install -e '.[report]'", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(args.models / args.model)
+    except ModelLoadError as exc:
+        print(f"error: model {args.model!r} under {args.models}: {exc}", file=sys.stderr)
+        return 2
+    command = f"dropout-service report --model {args.model} --out {args.out}"
+    if opts != ReportOptions():
+        command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in asdict(opts).items())
+    report = build_report(model, args.models, args.out, opts, command)
+    print(f"wrote {args.out / 'report.md'}, {len(report.figures)} figures, {report.seconds:.1f} s")
     return 0
 
 
@@ -93,7 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=d.seed)
     train.add_argument("--mc-samples", type=int, default=d.mc_samples, help="T for scoring")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--scaling",
+        choices=["inverted", "vanilla"],
+        default=d.scaling,
+        help="dropout scaling: inverted (torch's, identity at eval) or vanilla (x (1-p) at eval)",
+    )
     train.set_defaults(func=_train)
+
+    r = ReportOptions()
+    report = sub.add_parser("report", help="figures and numbers: why production serves eval")
+    report.add_argument("--model", required=True, help="model name (a folder of --models)")
+    report.add_argument("--out", type=Path, required=True, help="folder for report.md and PNGs")
+    report.add_argument("--models", type=Path, default=Path("models"), help="model repository")
+    report.add_argument("--repeats", type=int, default=r.repeats, help="figure 1: identical calls")
+    report.add_argument("--max-samples", type=int, default=r.max_samples, help="largest T")
+    report.add_argument("--latency-repeats", type=int, default=r.latency_repeats)
+    report.add_argument("--toy-epochs", type=int, default=r.toy_epochs, help="1-D toy models")
+    report.add_argument("--seed", type=int, default=r.seed)
+    report.add_argument("--threads", type=int, default=r.threads, help="torch intra-op threads")
+    report.set_defaults(func=_report)
     return parser
 
 

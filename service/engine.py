@@ -226,6 +226,14 @@ class MLPEngine:
             mutual_information=mi,
         )
 
+    @torch.inference_mode()
+    def train_pass(self, x: Tensor, seed: int) -> Tensor:
+        """One stochastic pass ``(B, out)`` seeded by ``seed``: what a model left in train mode
+        answers to one call. Equal to ``predict_mc(x, 1, seed, return_samples=True)``'s sample."""
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        return self._head(self._stochastic_pass(self._prefix(x), 1, generator))[0].cpu()
+
     def _stochastic_pass(self, h0: Tensor, t: int, generator: torch.Generator) -> Tensor:
         """``t`` samples at once from the shared prefix ``h0 (B, d)``: returns ``(t, B, out)``."""
         scaling = self.config.dropout_scaling

@@ -52,12 +52,17 @@ class Overloaded(ServiceError):
     """503 with Retry-After: the model's queue is full; the client should back off."""
 
 
+class DeadlineExceeded(ServiceError):
+    """504: the request waited and computed longer than its deadline (``request_timeout_s``)."""
+
+
 STATUS: dict[type[ServiceError], int] = {
     ModelNotFound: 404,
     VersionNotFound: 404,
     InvalidInput: 422,
     NotReady: 503,
     Overloaded: 503,
+    DeadlineExceeded: 504,
 }
 
 RETRY_AFTER_SECONDS = 1

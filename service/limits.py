@@ -1,18 +1,35 @@
-"""Request limits enforced before the body is parsed: size (413) and JSON shape (422).
+"""Limits that keep the service answering under any load and any input.
 
-Neither ever reaches a 500 or a hang: both are checked in linear time without recursion.
+* ``BodySizeLimit``: bodies over the limit get 413 before they are parsed.
+* ``JSONGuard``: JSON bodies that are not UTF-8 or nest too deep get a 422 (v2: 400) before
+  any parser runs; checked in linear time without recursion.
+* ``Admission``: a bounded number of requests per model in the runtime at once (queued or
+  computing); past it a fast 503 with Retry-After, never an unbounded queue. Each admitted
+  request has a deadline; past it a 504 rather than a hang.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import numpy as np
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import InvalidInput, error_response, is_json_media_type, v2_error_response
+from service.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    Overloaded,
+    error_response,
+    is_json_media_type,
+    v2_error_response,
+)
+from service.metrics import Metrics
 
 # A JSON string, possibly unterminated. Possessive quantifiers keep the match linear: a body
 # of a million backslashes and quotes cannot make the regex backtrack.
@@ -137,3 +154,40 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return replayed
+
+
+class Admission:
+    """Per-model admission control and deadlines for the runtime."""
+
+    def __init__(self, max_pending: int, timeout_s: float, metrics: Metrics) -> None:
+        self.max_pending = max_pending
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self._pending: Counter[str] = Counter()
+
+    @asynccontextmanager
+    async def admit(self, model: str) -> AsyncIterator[None]:
+        """Hold one of ``model``'s slots for the body; raise ``Overloaded`` if none is free
+        and ``DeadlineExceeded`` if the body outlives the deadline (its queued work is
+        cancelled; a forward pass already running finishes in its thread, unobserved)."""
+        if self._pending[model] >= self.max_pending:
+            self.metrics.rejected.labels(model, "overloaded").inc()
+            raise Overloaded(
+                f"model {model!r} has {self.max_pending} requests in progress; retry later"
+            )
+        self._pending[model] += 1
+        self.metrics.pending.labels(model).inc()
+        deadline = asyncio.timeout(self.timeout_s)
+        try:
+            async with deadline:
+                yield
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            self.metrics.rejected.labels(model, "deadline").inc()
+            raise DeadlineExceeded(
+                f"model {model!r} did not answer within {self.timeout_s:g} s"
+            ) from None
+        finally:
+            self._pending[model] -= 1
+            self.metrics.pending.labels(model).dec()

@@ -8,6 +8,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Queue waits and forward passes start far below a millisecond.
+COMPUTE_BUCKETS = (0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS)
+BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+MC_SAMPLE_BUCKETS = (2, 10, 30, 100, 300, 1000, 3000, 10_000, 100_000)
 
 
 class Metrics:
@@ -33,6 +38,64 @@ class Metrics:
             "dropout_http_requests_in_flight", "Requests being handled.", registry=self.registry
         )
         self.model_info = Info("dropout_model", "Models served.", ("name",), registry=self.registry)
+        # Runtime: labelled by model and kind ("eval" or "mc"), whichever protocol asked.
+        self.queue_wait = Histogram(
+            "dropout_inference_queue_wait_seconds",
+            "Time from admission to the start of the forward pass that served the request.",
+            ("model", "kind"),
+            buckets=COMPUTE_BUCKETS,
+            registry=self.registry,
+        )
+        self.compute = Histogram(
+            "dropout_inference_compute_seconds",
+            "Duration of one forward job: an eval batch or one MC request.",
+            ("model", "kind"),
+            buckets=COMPUTE_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_requests = Histogram(
+            "dropout_batch_requests",
+            "Eval requests coalesced into one batch.",
+            ("model",),
+            buckets=BATCH_REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_rows = Histogram(
+            "dropout_batch_rows",
+            "Input rows in one eval batch, before padding to whole blocks.",
+            ("model",),
+            buckets=BATCH_ROW_BUCKETS,
+            registry=self.registry,
+        )
+        self.mc_samples = Histogram(
+            "dropout_mc_samples",
+            "Monte-Carlo passes (T) per MC request.",
+            ("model",),
+            buckets=MC_SAMPLE_BUCKETS,
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "dropout_inference_pending_requests",
+            "Requests admitted for a model and not yet answered (queued or computing).",
+            ("model",),
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "dropout_inference_rejected_requests",
+            "Requests refused by admission control (overloaded) or past their deadline.",
+            ("model", "reason"),
+            registry=self.registry,
+        )
+        self.torch_threads = Gauge(
+            "dropout_torch_threads",
+            "Intra-op torch threads of this worker process.",
+            registry=self.registry,
+        )
+
+    def observe_batch(self, model: str, requests: int, rows: int, compute_s: float) -> None:
+        self.batch_requests.labels(model).observe(requests)
+        self.batch_rows.labels(model).observe(rows)
+        self.compute.labels(model, "eval").observe(compute_s)
 
 
 class MetricsMiddleware:

@@ -120,13 +120,40 @@ def bias_name(i: int) -> str:
     return f"linear{i}.bias"
 
 
+class VanillaDropout(nn.Module):
+    """Dropout as first published (Srivastava et al., 2014): in training, multiply by an
+    unscaled Bernoulli(1-p) mask; in eval, multiply by ``1 - p`` so that each unit's expected
+    input matches training. ``nn.Dropout`` (inverted) moves that factor into training instead.
+
+    The training mask is drawn as ``F.dropout`` draws its own, ``bernoulli_(1 - p)`` from the
+    global generator, so a seed gives this layer the same mask as ``nn.Dropout`` (unscaled).
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x * (1.0 - self.p)
+        if self.p == 0.0:
+            return x  # as F.dropout: p = 0 draws no random number, so later masks keep the seed's
+        return x * torch.empty_like(x).bernoulli_(1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 def build_sequential(config: ModelConfig) -> nn.Sequential:
-    """The model as a plain ``nn.Sequential`` (inverted dropout, as torch trains it)."""
+    """The model as a plain ``nn.Sequential``, with the config's dropout scaling."""
     act = ACTIVATIONS[config.activation]
+    dropout = VanillaDropout if config.dropout_scaling == "vanilla" else nn.Dropout
     w = config.widths
     layers: list[nn.Module] = []
     for i in range(config.n_linear):
-        layers.append(nn.Dropout(config.dropout_before(i)))
+        layers.append(dropout(config.dropout_before(i)))
         layers.append(nn.Linear(w[i], w[i + 1]))
         if i < config.n_linear - 1:
             layers.append(act())

@@ -1,22 +1,31 @@
-"""The data plane between HTTP and the engine: request checks, seeds, and threads.
+"""The data plane between HTTP and the engine: request checks, seeds, limits and threads.
 
 Tensor work runs on a small thread pool so that the event loop keeps answering health
 checks while a large MC request computes. Every protocol front end (v1, v2) calls this.
+Each request is admitted per model (bounded, with a deadline; see ``limits.Admission``);
+eval requests are coalesced by a per-model ``EvalBatcher`` or, with batching off, run alone
+through the same fixed-block forward pass, so both paths give the same bits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 
+from service.accesslog import annotate
+from service.batching import EvalBatcher, Timing, blocked_predict, timed
 from service.engine import MCResult
 from service.errors import InvalidInput, NotReady
+from service.limits import Admission
+from service.metrics import Metrics
 from service.repository import LoadedModel, ModelRepository
 from service.settings import Settings
 
@@ -33,15 +42,42 @@ class MCAnswer:
     result: MCResult
 
 
+@dataclass(frozen=True)
+class CompareAnswer:
+    """Eval, ``k`` single train-mode passes and MC for the same rows, each with its time."""
+
+    model: LoadedModel
+    n_samples: int
+    seed: int
+    eval: torch.Tensor  # (B, out)
+    train_pass_seeds: list[int]
+    train_passes: torch.Tensor  # (k, B, out)
+    mc: MCResult
+    eval_seconds: float
+    train_pass_seconds: list[float]
+    mc_seconds: float
+
+
+def train_pass_seeds(seed: int, k: int) -> list[int]:
+    """``k`` independent 63-bit seeds derived from ``seed`` (numpy's SeedSequence spawning)."""
+    children = np.random.SeedSequence(seed).spawn(k)
+    return [int(c.generate_state(1, np.uint64)[0]) >> 1 for c in children]
+
+
 class Runtime:
     """Validates requests against a model and the limits, then runs the engine off-loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.repository: ModelRepository | None = None
         self._executor = ThreadPoolExecutor(
             settings.inference_threads, thread_name_prefix="inference"
         )
+        self._admission = Admission(
+            settings.max_queue_size, settings.request_timeout_s, self.metrics
+        )
+        self._batchers: dict[str, EvalBatcher] = {}
 
     def model(self, name: str) -> LoadedModel:
         if self.repository is None:
@@ -82,7 +118,16 @@ class Runtime:
     async def predict(self, name: str, inputs: Inputs) -> tuple[LoadedModel, torch.Tensor]:
         model = self.model(name)
         x = self.to_tensor(model, inputs)
-        return model, await self._run(model.engine.predict, x)
+        annotate(model=model.config.name, rows=len(x))
+        async with self._admission.admit(model.config.name):
+            if self.settings.batching:
+                y, timing = await self._batcher(model).predict(x)
+            else:
+                block = self.settings.eval_block_rows
+                y, timing = await self._timed_run(lambda: blocked_predict(model.engine, x, block))
+                self.metrics.observe_batch(model.config.name, 1, len(x), timing.compute_s)
+        self._observe(model, "eval", timing)
+        return model, y
 
     async def predict_mc(
         self,
@@ -95,6 +140,7 @@ class Runtime:
         model = self.model(name)
         x = self.to_tensor(model, inputs)
         n = self.n_samples(n_samples)
+        annotate(model=model.config.name, rows=len(x), n_samples=n)
         seed = secrets.randbits(63) if seed is None else seed
         if return_samples:
             values = n * x.shape[0] * model.config.output_dim
@@ -108,11 +154,94 @@ class Runtime:
         def run() -> MCResult:
             return model.engine.predict_mc(x, n, seed, return_samples=return_samples)
 
-        return MCAnswer(model=model, n_samples=n, seed=seed, result=await self._run(run))
+        async with self._admission.admit(model.config.name):
+            result, timing = await self._timed_run(run)
+        self.metrics.mc_samples.labels(model.config.name).observe(n)
+        self.metrics.compute.labels(model.config.name, "mc").observe(timing.compute_s)
+        self._observe(model, "mc", timing)
+        return MCAnswer(model=model, n_samples=n, seed=seed, result=result)
+
+    async def compare(
+        self,
+        name: str,
+        inputs: list[list[float]],
+        n_samples: int | None,
+        seed: int | None,
+        n_train_passes: int,
+    ) -> CompareAnswer:
+        """What eval, a model left in train mode, and MC dropout answer to the same rows."""
+        model = self.model(name)
+        x = self.to_tensor(model, inputs)
+        n = self.n_samples(n_samples)
+        seed = secrets.randbits(63) if seed is None else seed
+        seeds = train_pass_seeds(seed, n_train_passes)
+        engine = model.engine
+        annotate(model=model.config.name, rows=len(x), n_samples=n)
+
+        def run() -> CompareAnswer:
+            start = time.perf_counter()
+            # The same fixed-block pass as predict, so the two answer the same bits.
+            eval_out = blocked_predict(engine, x, self.settings.eval_block_rows)
+            eval_s = time.perf_counter() - start
+            passes, pass_s = [], []
+            for s in seeds:
+                start = time.perf_counter()
+                passes.append(engine.train_pass(x, s))
+                pass_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            mc = engine.predict_mc(x, n, seed)
+            mc_s = time.perf_counter() - start
+            return CompareAnswer(
+                model=model,
+                n_samples=n,
+                seed=seed,
+                eval=eval_out,
+                train_pass_seeds=seeds,
+                train_passes=torch.stack(passes),
+                mc=mc,
+                eval_seconds=eval_s,
+                train_pass_seconds=pass_s,
+                mc_seconds=mc_s,
+            )
+
+        async with self._admission.admit(model.config.name):
+            return await self._run(run)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
+    async def _timed_run(self, fn: Callable[[], T]) -> tuple[T, Timing]:
+        """Run ``fn`` off the loop; also say how long it queued and computed."""
+        queued = time.perf_counter()
+        result, start, end = await self._run(timed(fn))
+        return result, Timing(start - queued, end - start)
+
+    def _batcher(self, model: LoadedModel) -> EvalBatcher:
+        name = model.config.name
+        batcher = self._batchers.get(name)
+        if batcher is None:
+            s = self.settings
+            batcher = self._batchers[name] = EvalBatcher(
+                name,
+                model.engine,
+                self._run,
+                self.metrics,
+                max_rows=s.max_batch_size,
+                max_delay_s=s.max_delay_ms / 1000,
+                block_rows=s.eval_block_rows,
+            )
+        return batcher
+
+    def _observe(self, model: LoadedModel, kind: str, timing: Timing) -> None:
+        self.metrics.queue_wait.labels(model.config.name, kind).observe(timing.queue_s)
+        annotate(
+            queue_ms=round(timing.queue_s * 1000, 3),
+            compute_ms=round(timing.compute_s * 1000, 3),
+            batch_requests=timing.batch_requests,
+        )
+
     def close(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.close()
         self._executor.shutdown(wait=True, cancel_futures=False)

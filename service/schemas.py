@@ -160,3 +160,85 @@ class ValidationErrorBody(BaseModel):
             ]
         }
     )
+
+
+class CompareRequest(PredictRequest):
+    n_samples: Annotated[int, Strict()] | None = Field(
+        None, ge=2, description="MC passes T (default and maximum are settings)."
+    )
+    seed: Annotated[int, Strict()] | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the MC draw (as predict/mc) and of the train passes; drawn if absent.",
+    )
+    n_train_passes: Annotated[int, Strict()] = Field(
+        5,
+        ge=2,
+        le=32,
+        description="Single train-mode passes k: what k identical calls to a "
+        "service that forgot model.eval() would answer.",
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"inputs": [_EXAMPLE_ROW], "n_samples": 1000, "seed": 7}]},
+    )
+
+
+class CompareTiming(BaseModel):
+    eval: float = Field(description="Milliseconds for the eval pass.")
+    train_passes: list[float] = Field(description="Milliseconds for each single train pass.")
+    mc: float = Field(description="Milliseconds for the n_samples MC passes.")
+
+
+class CompareResponse(BaseModel):
+    model: str
+    version: str
+    n_samples: int
+    seed: int = Field(description="The seed used: predict/mc with it returns mc_mean and mc_std.")
+    eval: Matrix = Field(description="Eval-mode output [rows][outputs]: equals predict.")
+    train_passes: list[Matrix] = Field(
+        description="[k][rows][outputs]: k single stochastic passes, each seeded from `seed`."
+    )
+    train_pass_seeds: list[int] = Field(
+        description="Seed of each train pass: its answer is the one sample of predict/mc "
+        "with n_samples 1 and that seed (not a valid predict/mc request, which needs T >= 2)."
+    )
+    mc_mean: Matrix = Field(description="MC mean over n_samples passes: equals predict/mc mean.")
+    mc_std: Matrix = Field(description="MC std over n_samples passes: equals predict/mc std.")
+    gap: Matrix = Field(
+        description="mc_mean - eval: the error of eval's weight-scaling approximation (plus "
+        "MC noise of order mc_std / sqrt(n_samples))."
+    )
+    timing_ms: CompareTiming
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "concrete",
+                    "version": "1",
+                    "n_samples": 1000,
+                    "seed": 7,
+                    "eval": [[72.38]],
+                    "train_passes": [[[64.59]], [[73.23]], [[70.45]], [[67.83]], [[73.23]]],
+                    "train_pass_seeds": [
+                        1693125408465869867,
+                        2021251017632032385,
+                        8779501138110131270,
+                        3411976877185804603,
+                        9163023660662787564,
+                    ],
+                    "mc_mean": [[72.33]],
+                    "mc_std": [[1.87]],
+                    "gap": [[-0.055]],
+                    "timing_ms": {
+                        "eval": 0.1,
+                        "train_passes": [0.1, 0.1, 0.1, 0.1, 0.1],
+                        "mc": 2.5,
+                    },
+                }
+            ]
+        }
+    )

@@ -50,6 +50,28 @@ class Settings(BaseSettings):
         le=256,  # well below Python's recursion limit, which the JSON parser would hit
         description="Deepest nesting of JSON arrays and objects in a body; deeper gets 422.",
     )
+    batching: bool = Field(True, description="Coalesce concurrent eval requests per model.")
+    max_batch_size: int = Field(
+        64, ge=1, le=65_536, description="Most rows in one coalesced eval batch."
+    )
+    max_delay_ms: float = Field(
+        0.0, ge=0, le=1000, description="Longest wait after a batch's first request for more."
+    )
+    eval_block_rows: int = Field(
+        64,
+        ge=8,
+        le=4096,
+        multiple_of=8,
+        description="Rows of every eval forward pass (zero-padded): what makes batching "
+        "bit-exact. A multiple of 8, so that no row lands in a ragged GEMM tile.",
+    )
+    max_queue_size: int = Field(
+        256, ge=1, description="Most requests per model in progress at once; more get 503."
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Deadline for a request's queueing and compute (504)."
+    )
+    access_log: bool = Field(True, description="One JSON access-log line per request, stdout.")
 
     @model_validator(mode="after")
     def _default_within_max(self) -> Settings:

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -44,6 +45,8 @@ class TrainOptions:
     validation_fraction: float = 0.2
     mc_samples: int = 1000
     progress: bool = True
+    # "vanilla": unscaled masks in training, x (1-p) at eval (the config records it).
+    scaling: Literal["inverted", "vanilla"] = "inverted"
 
 
 @dataclass
@@ -75,6 +78,7 @@ def regression_config(name: str, version: str, input_dim: int, opts: TrainOption
         activation=opts.activation,
         dropout=[opts.dropout] * len(opts.hidden),
         input_dropout=opts.dropout if opts.input_dropout else 0.0,
+        dropout_scaling=opts.scaling,
         noise_variance=[1.0],
         sha256=_UNSET_SHA,
     )
@@ -217,6 +221,7 @@ def reproduce_command(config: ModelConfig, opts: TrainOptions) -> str:
         f"--hidden {' '.join(str(h) for h in opts.hidden)}",
         f"--dropout {opts.dropout}",
         *([] if opts.input_dropout else ["--no-input-dropout"]),
+        *([] if opts.scaling == "inverted" else [f"--scaling {opts.scaling}"]),
         f"--epochs {opts.epochs}",
         f"--batch-size {opts.batch_size}",
         f"--lr {opts.lr}",

@@ -9,7 +9,14 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from tests.helpers import LiveServer, live_server, write_test_repository
+from tests.helpers import (
+    LiveServer,
+    live_server,
+    random_tensors,
+    wide_regression_config,
+    write_model,
+    write_test_repository,
+)
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +47,12 @@ def server(settings: Settings) -> Iterator[LiveServer]:
 def client(server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=30) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository holding only ``wide``: MC requests on it take long enough to overlap."""
+    root = tmp_path_factory.mktemp("wide-models")
+    config = wide_regression_config()
+    write_model(root, config, random_tensors(config, seed=4))
+    return root

@@ -147,3 +147,21 @@ def live_server(settings: Settings, *, wait_ready: bool = True) -> Iterator[Live
         yield server
     finally:
         server.stop()
+
+
+def wide_regression_config(**overrides: Any) -> ModelConfig:
+    """8 -> 256 -> 256 -> 1: heavy enough that a large MC request takes a while."""
+    fields = {"name": "wide", "version": "1", "input_dim": 8, "hidden": [256, 256]}
+    return tiny_regression_config(**{**fields, "dropout": [0.1, 0.1], **overrides})
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics, parsed by prometheus_client: ``{(sample name, sorted labels): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

@@ -233,6 +233,37 @@ BATTERY = [
 ]
 
 
+COMPARE = "/v1/models/tiny/compare"
+BATTERY += [
+    Bad(
+        "compare-wrong-width",
+        422,
+        "expects 2",
+        ["body", "inputs", 0],
+        {"inputs": [[1.0]]},
+        path=COMPARE,
+    ),
+    Bad(
+        "compare-train-passes",
+        422,
+        "less than or equal to 32",
+        ["body", "n_train_passes"],
+        {**GOOD, "n_train_passes": 33},
+        path=COMPARE,
+    ),
+    Bad(
+        "compare-depth",
+        422,
+        "nested 100000 levels",
+        ["body"],
+        raw=nested(100_000).encode(),
+        path=COMPARE,
+    ),
+    Bad(
+        "compare-unknown-model", 404, "'nope' not found", body=GOOD, path="/v1/models/nope/compare"
+    ),
+]
+
 # Open Inference Protocol (v2): bad input is its 400 {"error": ...} (tests/test_v2.py has the
 # protocol's own cases); these are the rows where the shared guards meet v2.
 V2_INFER = "/v2/models/tiny/infer"

@@ -36,10 +36,12 @@ def reference_eval(
 
 def cases() -> list[tuple[ModelConfig, dict[str, torch.Tensor]]]:
     deep, clf = deep_regression_config(), classifier_config()
+    vanilla = deep_regression_config(dropout_scaling="vanilla")
     return [
         (tiny_regression_config(), tiny_tensors()),
         (deep, random_tensors(deep, 1)),
         (clf, random_tensors(clf, 2)),
+        (vanilla, random_tensors(vanilla, 1)),
     ]
 
 

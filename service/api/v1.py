@@ -11,6 +11,9 @@ from service.engine import MCResult
 from service.model import ModelConfig
 from service.outputs import mc_outputs
 from service.schemas import (
+    CompareRequest,
+    CompareResponse,
+    CompareTiming,
     ErrorBody,
     MCRequest,
     MCResponse,
@@ -98,4 +101,36 @@ def mc_response(config: ModelConfig, n_samples: int, seed: int, result: MCResult
         n_samples=n_samples,
         seed=seed,
         **fields,
+    )
+
+
+@router.post("/models/{name}/compare", response_model=CompareResponse, responses=_PREDICT_ERRORS)
+async def compare(
+    body: CompareRequest, runtime: RuntimeDep, name: str = ModelName
+) -> CompareResponse:
+    """Eval against train-mode passes against MC dropout, for the same rows, with timings.
+
+    Shows why production serves eval: `train_passes` is what a service that forgot
+    `model.eval()` answers to identical calls (they differ); `gap` is how far eval's cheap
+    weight-scaling approximation sits from the MC mean.
+    """
+    a = await runtime.compare(name, body.inputs, body.n_samples, body.seed, body.n_train_passes)
+    config = a.model.config
+    mc = mc_outputs(config, a.mc)  # the very tensors predict/mc answers with
+    return CompareResponse(
+        model=config.name,
+        version=config.version,
+        n_samples=a.n_samples,
+        seed=a.seed,
+        eval=a.eval.tolist(),
+        train_passes=a.train_passes.tolist(),
+        train_pass_seeds=a.train_pass_seeds,
+        mc_mean=mc["mean"].tolist(),
+        mc_std=mc["std"].tolist(),
+        gap=(mc["mean"] - a.eval.double()).tolist(),
+        timing_ms=CompareTiming(
+            eval=a.eval_seconds * 1e3,
+            train_passes=[s * 1e3 for s in a.train_pass_seconds],
+            mc=a.mc_seconds * 1e3,
+        ),
     )

@@ -1,0 +1,103 @@
+"""Structured access log: one JSON line per request, with a request id, never input data.
+
+``AccessLog`` is a pure ASGI middleware (nothing buffered). It takes the caller's
+``X-Request-ID`` when it looks like an id (else makes one), echoes it in the response, and
+when the response ends writes ``{"request_id", "method", "path", "endpoint", "model",
+"status", "latency_ms", ...}``. Code serving the request adds fields (model, rows,
+n_samples, queue and compute times) with ``annotate``: it writes to a record that the
+middleware put in a context variable, so the runtime needs no handle on the HTTP request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LOGGER = "dropout.access"
+HEADER = b"x-request-id"
+
+#: Incoming ids are echoed and logged, so only plain, bounded ones are taken.
+_VALID_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+_record: ContextVar[dict[str, Any] | None] = ContextVar("access_record", default=None)
+
+log = logging.getLogger(LOGGER)
+
+
+def annotate(**fields: Any) -> None:
+    """Add fields to the access-log line of the request being served (if any)."""
+    record = _record.get()
+    if record is not None:
+        record.update(fields)
+
+
+def configure_access_log(enabled: bool) -> None:
+    """Send access lines, bare JSON, to stdout; or silence them."""
+    log.setLevel(logging.INFO if enabled else logging.CRITICAL + 1)
+    log.propagate = False
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+
+
+def request_id(scope: Scope) -> str:
+    for key, value in scope["headers"]:
+        if key == HEADER and _VALID_ID.fullmatch(value):
+            return str(value.decode("ascii"))
+    return uuid.uuid4().hex
+
+
+class AccessLog:
+    """Tags each HTTP request with an id and logs one JSON line when it is answered."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id(scope)
+        record: dict[str, Any] = {"model": None, "n_samples": None}
+        status = 500
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (HEADER, rid.encode())]
+            await send(message)
+
+        token = _record.set(record)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            _record.reset(token)
+            if log.isEnabledFor(logging.INFO):
+                self._write(scope, rid, status, time.perf_counter() - start, record)
+
+    @staticmethod
+    def _write(scope: Scope, rid: str, status: int, seconds: float, record: dict[str, Any]) -> None:
+        route = scope.get("route")
+        line = {
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "request_id": rid,
+            "method": scope["method"],
+            "path": scope["path"],
+            "endpoint": getattr(route, "path", None),
+            "status": status,
+            "latency_ms": round(seconds * 1000, 3),
+            **record,
+        }
+        log.info(json.dumps(line, separators=(",", ":")))

@@ -1,0 +1,148 @@
+"""Dynamic batching: coalesced eval answers are bit-identical to solo answers.
+
+The fixed-block forward pass is checked directly (every batch size 1..64, every position,
+other rows random) and through the HTTP service, batching on against batching off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from service.batching import EvalBatcher, blocked_predict
+from service.engine import MLPEngine
+from service.metrics import Metrics
+from service.repository import load_model
+from service.settings import Settings
+from tests.helpers import (
+    classifier_config,
+    deep_regression_config,
+    live_server,
+    random_tensors,
+    scrape,
+    wide_regression_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = Settings().eval_block_rows
+
+
+def engines() -> dict[str, MLPEngine]:
+    deep, clf, wide = deep_regression_config(), classifier_config(), wide_regression_config()
+    return {
+        "deep": MLPEngine(deep, random_tensors(deep, 1)),
+        "clf": MLPEngine(clf, random_tensors(clf, 2)),
+        "wide": MLPEngine(wide, random_tensors(wide, 3)),
+        "concrete": load_model(ROOT / "models" / "concrete").engine,
+    }
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}-threads")
+def torch_threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("torch_threads")
+@pytest.mark.parametrize("name", list(engines()))
+def test_every_row_is_the_same_at_any_batch_size_and_position(name: str) -> None:
+    engine = engines()[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, engine.config.input_dim, generator=g) * 2
+    solo = torch.cat([blocked_predict(engine, x[i : i + 1], BLOCK) for i in range(64)])
+    for n in range(1, 65):
+        chosen = torch.randperm(64, generator=g)[:n]
+        # Random rows before the chosen ones move them across positions and block borders.
+        before = torch.randn(int(torch.randint(0, 2 * BLOCK, (1,), generator=g)), x.shape[1])
+        batch = torch.cat([before, x[chosen]])
+        out = blocked_predict(engine, batch, BLOCK)[len(before) :]
+        assert torch.equal(out, solo[chosen]), f"batch of {n}: a row changed"
+
+
+def test_a_single_row_is_a_full_padded_pass() -> None:
+    """The solo path and a one-row block agree with the engine on the padded block."""
+    engine = engines()["concrete"]
+    x = torch.randn(3, 8)
+    padded = torch.cat([x, torch.zeros(BLOCK - 3, 8)])
+    assert torch.equal(blocked_predict(engine, x, BLOCK), engine.predict(padded)[:3])
+
+
+def test_batcher_coalesces_and_answers_each_request_as_alone() -> None:
+    engine = engines()["deep"]
+    metrics = Metrics()
+    rng = random.Random(1)
+    requests = [torch.randn(rng.randint(1, 9), 4) for _ in range(40)]
+    solo = [blocked_predict(engine, x, BLOCK) for x in requests]
+
+    async def burst() -> list[torch.Tensor]:
+        with ThreadPoolExecutor(1) as pool:
+            loop = asyncio.get_running_loop()
+
+            async def run(fn: Any, *args: Any) -> Any:
+                return await loop.run_in_executor(pool, fn, *args)
+
+            batcher = EvalBatcher(
+                "deep", engine, run, metrics, max_rows=64, max_delay_s=0.01, block_rows=BLOCK
+            )
+            answers = await asyncio.gather(*(batcher.predict(x) for x in requests))
+            batcher.close()
+        return [y for y, _ in answers]
+
+    for got, alone in zip(asyncio.run(burst()), solo, strict=True):
+        assert torch.equal(got, alone)
+    count = metrics.registry.get_sample_value("dropout_batch_requests_count", {"model": "deep"})
+    total = metrics.registry.get_sample_value("dropout_batch_requests_sum", {"model": "deep"})
+    assert total == 40
+    assert count is not None
+    assert count < 40 / 3, f"{count} batches for 40 requests: not coalesced"
+    rows = metrics.registry.get_sample_value("dropout_batch_rows_sum", {"model": "deep"})
+    assert rows == sum(len(x) for x in requests)
+
+
+def eval_bodies() -> list[dict[str, Any]]:
+    rng = random.Random(2)
+    return [
+        {"inputs": [[rng.uniform(-3, 3) for _ in range(4)] for _ in range(rng.randint(1, 6))]}
+        for _ in range(48)
+    ]
+
+
+async def concurrently(url: str, bodies: list[dict[str, Any]]) -> list[Any]:
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def one(body: dict[str, Any]) -> Any:
+            r = await client.post("/v1/models/deep/predict", json=body)
+            assert r.status_code == 200, r.text[:200]
+            return r.json()
+
+        return list(await asyncio.gather(*(one(b) for b in bodies)))
+
+
+def test_http_batched_answers_equal_solo_and_unbatched(model_dir: Path) -> None:
+    bodies = eval_bodies()
+    batched = Settings(model_dir=model_dir, max_delay_ms=20, torch_threads=1)
+    with live_server(batched) as s:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            solo = [c.post("/v1/models/deep/predict", json=b).json() for b in bodies]
+        before = scrape(s.url)
+        loaded = asyncio.run(concurrently(s.url, bodies))
+        after = scrape(s.url)
+    key = ("dropout_batch_requests_count", (("model", "deep"),))
+    batches = after[key] - before[key]
+    assert batches < len(bodies) / 2, f"{batches} batches for {len(bodies)} requests"
+    assert loaded == solo
+
+    unbatched = Settings(model_dir=model_dir, batching=False, torch_threads=1)
+    with live_server(unbatched) as s:
+        assert asyncio.run(concurrently(s.url, bodies)) == solo

@@ -1,0 +1,132 @@
+"""The server as operators run it: several workers, SIGTERM mid-request, health under load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from service.settings import Settings
+from tests.helpers import live_server, scrape
+from tests.test_cli import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW = [0.5, -1.0, 2.0, 0.25, 1.0, 0.0, -2.0, 3.0]
+LONG_MC = {"inputs": [ROW] * 4, "n_samples": 10_000, "seed": 5}
+PENDING = ("dropout_inference_pending_requests", (("model", "wide"),))
+
+
+@contextmanager
+def serve(log: Path, *args: str, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``python -m service serve`` on a free port, its output in ``log``; ready on entry."""
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DROPOUT_")}
+    cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), *args]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**clean, **env}, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "service did not become ready"
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def worker_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [
+        int(c)
+        for c in children
+        if b"multiprocessing.spawn" in Path(f"/proc/{c}/cmdline").read_bytes()
+    ]
+
+
+def until_pending(url: str, thread: threading.Thread) -> None:
+    """Wait until the long request is in the runtime (admitted, computing)."""
+    while thread.is_alive() and scrape(url).get(PENDING, 0) < 1:
+        time.sleep(0.01)
+    assert thread.is_alive(), "the MC request ended before it could be observed"
+
+
+def test_two_workers_both_serve_without_oversubscribing_cores(tmp_path: Path) -> None:
+    with serve(tmp_path / "log", "--workers", "2", "--models", "models") as (proc, url):
+        assert len(worker_pids(proc.pid)) == 2
+        body = {"inputs": [[540, 0, 0, 162, 2.5, 1040, 676, 28]]}
+        answers = set()
+        for _ in range(8):  # a new connection each: the kernel spreads them over workers
+            r = httpx.post(f"{url}/v1/models/concrete/predict", json=body)
+            assert r.status_code == 200
+            answers.add(json.dumps(r.json()))
+            threads = scrape(url)[("dropout_torch_threads", ())]
+            assert threads == max(1, (os.cpu_count() or 1) // 2)
+        assert len(answers) == 1  # every worker gives the same bits
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(
+    tmp_path: Path, wide_model_dir: Path
+) -> None:
+    log = tmp_path / "log"
+    with serve(log, "--models", str(wide_model_dir), DROPOUT_TORCH_THREADS="1") as (proc, url):
+        answer: dict[str, httpx.Response] = {}
+
+        def long_request() -> None:
+            answer["mc"] = httpx.post(f"{url}/v1/models/wide/predict/mc", json=LONG_MC, timeout=120)
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        until_pending(url, thread)
+        proc.send_signal(signal.SIGTERM)
+        thread.join(timeout=120)
+        assert answer["mc"].status_code == 200
+        assert answer["mc"].json()["n_samples"] == 10_000
+        assert proc.wait(timeout=30) == 0
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    mc = [x for x in lines if x["endpoint"] == "/v1/models/{name}/predict/mc"]
+    assert [(x["status"], x["n_samples"]) for x in mc] == [(200, 10_000)]
+
+
+def test_health_answers_while_a_10000_sample_mc_request_computes(wide_model_dir: Path) -> None:
+    settings = Settings(model_dir=wide_model_dir, torch_threads=1)
+    with live_server(settings) as s:
+        answer: dict[str, httpx.Response] = {}
+
+        def long_request() -> None:
+            answer["mc"] = httpx.post(
+                f"{s.url}/v1/models/wide/predict/mc", json=LONG_MC, timeout=120
+            )
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        until_pending(s.url, thread)
+        waits = []
+        while thread.is_alive():
+            start = time.perf_counter()
+            assert httpx.get(f"{s.url}/healthz").status_code == 200
+            waits.append(time.perf_counter() - start)
+        thread.join()
+        mc_seconds = answer["mc"].elapsed.total_seconds()
+        assert answer["mc"].status_code == 200
+        assert len(waits) >= 5, f"{len(waits)} health answers during a {mc_seconds:.2f} s request"
+        assert max(waits) < mc_seconds / 4
