@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: run test lint format bench clean
+.PHONY: run test lint format bench clean fuzz soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ clean:
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/latency.py
+
+# Long schema fuzzing and engine properties (make test runs a bounded number of examples).
+fuzz: $(VENV)/.installed-dev
+	FUZZ_EXAMPLES=300 PROPERTY_EXAMPLES=1000 $(BIN)/python -m pytest tests/test_fuzz.py tests/test_properties.py
+
+# Minutes of mixed traffic from 64 loopback clients; figures in docs/reliability.md.
+soak: $(VENV)/.installed-dev
+	$(BIN)/python bench/soak.py --duration 300 --warmup 60
 
 # Eval throughput with dynamic batching on against off at 1, 8 and 64 clients; `make bench`
 # runs it too (before bench/latency.py).

@@ -20,7 +20,7 @@ from service import __version__
 from service.accesslog import AccessLog, configure_access_log
 from service.api import health, v1, v2
 from service.errors import install_error_handlers
-from service.limits import BodySizeLimit
+from service.limits import BodySizeLimit, JSONGuard
 from service.metrics import Metrics, MetricsMiddleware
 from service.repository import ModelRepository
 from service.runtime import Runtime
@@ -95,6 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def known_model(name: str) -> bool:
         return runtime.repository is not None and name in runtime.repository.models
 
+    # Added first, so innermost: it buffers only what BodySizeLimit let through.
+    app.add_middleware(JSONGuard, max_depth=settings.max_json_depth)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_model=known_model)
     configure_access_log(settings.access_log)

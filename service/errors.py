@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
@@ -80,8 +81,28 @@ def error_response(exc: ServiceError) -> JSONResponse:
 def validation_response(exc: RequestValidationError) -> JSONResponse:
     """422 naming each bad field. The offending input is not echoed: it may be huge, or a
     NaN that JSON cannot carry."""
-    detail = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+    detail = [{"type": e["type"], "loc": list(e["loc"]), "msg": _msg(e)} for e in exc.errors()]
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _msg(error: dict[str, Any]) -> str:
+    """The message, with the parser's reason for JSON that does not parse ("Expecting ',' ...")."""
+    reason = error.get("ctx", {}).get("error") if error["type"] == "json_invalid" else None
+    return f"{error['msg']}: {reason}" if isinstance(reason, str) else str(error["msg"])
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of this Content-Type as JSON (``application/*json``)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    main, _, sub = media.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+def _body_not_json(request: Request, exc: RequestValidationError) -> bool:
+    """The body was sent, but not as JSON, so FastAPI handed the schema raw bytes."""
+    return not is_json_media_type(request.headers.get("content-type")) and any(
+        tuple(e["loc"]) == ("body",) and e["type"] == "model_attributes_type" for e in exc.errors()
+    )
 
 
 def v2_error_response(exc: Exception) -> JSONResponse | None:
@@ -114,10 +135,23 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, ServiceError)
         return error_response(exc)
 
-    async def handle_validation(_: Request, exc: Exception) -> JSONResponse:
+    async def handle_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        if _body_not_json(request, exc):
+            return error_response(
+                InvalidInput([], "body must be JSON, sent with Content-Type: application/json")
+            )
         return validation_response(exc)
+
+    async def handle_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI answers a bare 400 when its JSON parser fails with anything but
+            # JSONDecodeError (an integer past Python's 4300-digit limit): malformed input, 422.
+            return error_response(InvalidInput([], "body could not be parsed as JSON"))
+        return await http_exception_handler(request, exc)
 
     for exc_type in STATUS:
         app.add_exception_handler(exc_type, handle)
     app.add_exception_handler(RequestValidationError, handle_validation)
+    app.add_exception_handler(HTTPException, handle_http)

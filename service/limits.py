@@ -1,6 +1,8 @@
-"""Limits that keep the service answering under any load.
+"""Limits that keep the service answering under any load and any input.
 
 * ``BodySizeLimit``: bodies over the limit get 413 before they are parsed.
+* ``JSONGuard``: JSON bodies that are not UTF-8 or nest too deep get a 422 (v2: 400) before
+  any parser runs; checked in linear time without recursion.
 * ``Admission``: a bounded number of requests per model in the runtime at once (queued or
   computing); past it a fast 503 with Retry-After, never an unbounded queue. Each admitted
   request has a deadline; past it a 504 rather than a hang.
@@ -9,16 +11,30 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import numpy as np
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import DeadlineExceeded, Overloaded
+from service.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    Overloaded,
+    error_response,
+    is_json_media_type,
+    v2_error_response,
+)
 from service.metrics import Metrics
+
+# A JSON string, possibly unterminated. Possessive quantifiers keep the match linear: a body
+# of a million backslashes and quotes cannot make the regex backtrack.
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 class BodySizeLimit:
@@ -55,6 +71,89 @@ class BodySizeLimit:
 
     def _too_large(self) -> JSONResponse:
         return JSONResponse({"detail": self._detail()}, status_code=413)
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest nesting of arrays and objects in ``body``: linear time, no recursion."""
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKET)
+    if not brackets:
+        return 0
+    b = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.where((b == ord("[")) | (b == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+def json_problem(body: bytes, max_depth: int) -> str | None:
+    """Why ``body`` must not reach the JSON parser, or None when it may."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"body is not UTF-8 (byte {exc.start}); JSON must be sent as UTF-8"
+    depth = json_depth(body)
+    if depth > max_depth:
+        return f"JSON nested {depth} levels deep; the limit is {max_depth}"
+    return None
+
+
+class JSONGuard:
+    """422 for a JSON body that is not UTF-8 or nests deeper than ``max_depth``, unparsed.
+
+    Python's JSON parser recurses once per level: a body of ``[[[[...`` would otherwise end
+    in a RecursionError inside FastAPI, answered as an undocumented 400 at a depth that
+    depends on the stack at hand. Sits inside ``BodySizeLimit``, so the body it buffers is
+    bounded (and a body over the limit still gets its 413).
+    """
+
+    def __init__(self, app: ASGIApp, max_depth: int) -> None:
+        self.app = app
+        self.max_depth = max_depth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers", ()))
+        ctype = headers.get(b"content-type", b"").decode("latin-1")
+        if scope["type"] != "http" or not is_json_media_type(ctype):
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await _read_body(receive)
+        except HTTPException as exc:  # BodySizeLimit signals a streamed body over the limit
+            await JSONResponse({"detail": exc.detail}, exc.status_code)(scope, receive, send)
+            return
+        if body is None:  # the client went away mid-body: nobody to answer
+            return
+        problem = json_problem(body, self.max_depth)
+        if problem is not None:
+            error = InvalidInput([], problem)
+            # Each protocol answers bad input its own way: v2 with 400 {"error": ...}.
+            v2 = scope["path"].startswith("/v2/") and v2_error_response(error)
+            await (v2 or error_response(error))(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands over the buffered body once, then defers to the client's."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
 
 
 class Admission:

@@ -58,9 +58,14 @@ class ModelRepository:
 
     @classmethod
     def load(cls, root: Path, device: torch.device | str = "cpu") -> ModelRepository:
-        """Load every ``root/*/config.json``; a missing root is an empty repository."""
+        """Load every folder under ``root``; a missing root is an empty repository.
+
+        A folder without ``config.json`` is refused like any other damaged model, not skipped:
+        a rollout that lost a config must not look healthy. Names starting with . or _ are
+        not model folders.
+        """
         repo = cls()
-        folders = sorted(p.parent for p in root.glob(f"*/{CONFIG_FILE}")) if root.is_dir() else []
+        folders = sorted(p for p in root.iterdir() if _is_model_folder(p)) if root.is_dir() else []
         if not folders:
             log.warning("no models found under %s", root)
         for folder in folders:
@@ -78,6 +83,10 @@ class ModelRepository:
                 model.config.sha256[:12],
             )
         return repo
+
+
+def _is_model_folder(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith((".", "_"))
 
 
 def sha256_of(path: Path) -> str:

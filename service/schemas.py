@@ -129,7 +129,37 @@ class Readiness(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    detail: str
+    """404, 413 and 503 answers."""
+
+    detail: str = Field(examples=["model 'x' not found; served models: concrete"])
+
+
+class FieldError(BaseModel):
+    type: str = Field(description="Error kind, e.g. float_type, missing, value_error.")
+    loc: list[str | int] = Field(description="Where: 'body' or 'path', then the field path.")
+    msg: str
+
+
+class ValidationErrorBody(BaseModel):
+    """422 answers: one entry per bad field. The offending value is never echoed."""
+
+    detail: list[FieldError]
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "detail": [
+                        {
+                            "type": "value_error",
+                            "loc": ["body", "inputs", 0],
+                            "msg": "row 0 has 3 values; model 'concrete' expects 8",
+                        }
+                    ]
+                }
+            ]
+        }
+    )
 
 
 class CompareRequest(PredictRequest):

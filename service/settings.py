@@ -44,6 +44,12 @@ class Settings(BaseSettings):
         False, description="Report ready when some models failed to load (others still serve)."
     )
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    max_json_depth: int = Field(
+        32,
+        ge=2,
+        le=256,  # well below Python's recursion limit, which the JSON parser would hit
+        description="Deepest nesting of JSON arrays and objects in a body; deeper gets 422.",
+    )
     batching: bool = Field(True, description="Coalesce concurrent eval requests per model.")
     max_batch_size: int = Field(
         64, ge=1, le=65_536, description="Most rows in one coalesced eval batch."

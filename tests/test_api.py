@@ -1,4 +1,4 @@
-"""Every v1 endpoint and every error class of DESIGN.md, through a real uvicorn server."""
+"""Every v1 endpoint through a real uvicorn server (bad input: tests/test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -106,100 +106,6 @@ def test_predict_mc_classifier_fields(client: httpx.Client) -> None:
     assert 0 <= r["mutual_information"][0] <= r["entropy"][0] <= math.log(3) + 1e-9
     assert sum(r["mean"][0]) == pytest.approx(1.0)
     assert r.get("predictive_variance") is None
-
-
-@pytest.mark.parametrize(
-    ("path", "body", "field"),
-    [
-        ("/v1/models/tiny/predict", {"inputs": [[1.0, 2.0, 3.0]]}, ["body", "inputs", 0]),
-        ("/v1/models/tiny/predict", {"inputs": [[1.0, 2.0], [1.0]]}, ["body", "inputs", 1]),
-        ("/v1/models/tiny/predict", {"inputs": []}, ["body", "inputs"]),
-        ("/v1/models/tiny/predict", {"inputs": [[1.0, "2"]]}, ["body", "inputs", 0, 1]),
-        ("/v1/models/tiny/predict", {"inputs": [[1.0, None]]}, ["body", "inputs", 0, 1]),
-        ("/v1/models/tiny/predict", {"inputs": [[True, 1.0]]}, ["body", "inputs", 0, 0]),
-        ("/v1/models/tiny/predict", {"inputs": [[1.0, 1e39]]}, ["body", "inputs", 0]),
-        ("/v1/models/tiny/predict", {"inputs": [[1.0, 2.0]] * 65}, ["body", "inputs"]),
-        ("/v1/models/tiny/predict", {"inputs": [[1.0, 2.0]], "extra": 1}, ["body", "extra"]),
-        ("/v1/models/tiny/predict", {}, ["body", "inputs"]),
-        ("/v1/models/tiny/predict/mc", {**MC_BODY, "n_samples": 1}, ["body", "n_samples"]),
-        ("/v1/models/tiny/predict/mc", {**MC_BODY, "n_samples": 5001}, ["body", "n_samples"]),
-        ("/v1/models/tiny/predict/mc", {**MC_BODY, "n_samples": 2.5}, ["body", "n_samples"]),
-        ("/v1/models/tiny/predict/mc", {**MC_BODY, "seed": -1}, ["body", "seed"]),
-        ("/v1/models/tiny/predict/mc", {**MC_BODY, "seed": 2**63}, ["body", "seed"]),
-        ("/v1/models/tiny/predict/mc", {**MC_BODY, "seed": "7"}, ["body", "seed"]),
-        (
-            "/v1/models/tiny/predict/mc",
-            {**MC_BODY, "n_samples": 5000, "return_samples": True, "inputs": [[1.0, 2.0]] * 64},
-            ["body", "return_samples"],
-        ),
-    ],
-)
-def test_malformed_input_is_422_naming_the_field(
-    client: httpx.Client, path: str, body: dict[str, object], field: list[object]
-) -> None:
-    r = client.post(path, json=body)
-    assert r.status_code == 422, r.text[:300]
-    locs = [e["loc"] for e in r.json()["detail"]]
-    assert field in locs, locs
-
-
-@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
-def test_non_finite_json_literals_are_422(client: httpx.Client, literal: str) -> None:
-    content = f'{{"inputs": [[1.0, {literal}]]}}'
-    r = client.post(
-        "/v1/models/tiny/predict", content=content, headers={"content-type": "application/json"}
-    )
-    assert r.status_code == 422
-    assert r.json()["detail"][0]["loc"] == ["body", "inputs", 0, 1]
-
-
-def test_not_json_is_422(client: httpx.Client) -> None:
-    r = client.post(
-        "/v1/models/tiny/predict",
-        content=b"{not json",
-        headers={"content-type": "application/json"},
-    )
-    assert r.status_code == 422
-
-
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [
-        ("GET", "/v1/models/nope"),
-        ("POST", "/v1/models/nope/predict"),
-        ("POST", "/v1/models/nope/predict/mc"),
-    ],
-)
-def test_unknown_model_is_404(client: httpx.Client, method: str, path: str) -> None:
-    r = client.request(method, path, json={"inputs": [[1.0, 2.0]]})
-    assert r.status_code == 404
-    assert "'nope' not found" in r.json()["detail"]
-    assert "tiny" in r.json()["detail"]
-
-
-def test_body_over_limit_is_413(server: object, model_dir: object) -> None:
-    from service.settings import Settings
-    from tests.helpers import live_server
-
-    settings = Settings(model_dir=model_dir, max_body_bytes=2048)  # type: ignore[arg-type]
-    big = {"inputs": [[1.0, 2.0]] * 500}
-    with live_server(settings) as s, httpx.Client(base_url=s.url) as c:
-        assert c.post("/v1/models/tiny/predict", json=big).status_code == 413
-
-        def chunks():  # no Content-Length: the limit applies while streaming
-            yield b'{"inputs": ['
-            for _ in range(400):
-                yield b"[1.0, 2.0],"
-            yield b"[1.0, 2.0]]}"
-
-        r = c.post(
-            "/v1/models/tiny/predict",
-            content=chunks(),
-            headers={"content-type": "application/json"},
-        )
-        assert r.status_code == 413
-        assert "limit" in r.json()["detail"]
-        assert c.post("/v1/models/tiny/predict", json={"inputs": [[1, 2]]}).status_code == 200
 
 
 def test_openapi_documents_endpoints_with_examples(client: httpx.Client) -> None:

@@ -14,22 +14,30 @@ from service.schemas import (
     CompareRequest,
     CompareResponse,
     CompareTiming,
+    ErrorBody,
     MCRequest,
     MCResponse,
     ModelList,
     ModelMetadata,
     PredictRequest,
     PredictResponse,
+    ValidationErrorBody,
 )
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
 ModelName = Path(description="Model name, as listed by GET /v1/models.", max_length=256)
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model."}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "Unknown model."},
+    422: {"model": ValidationErrorBody, "description": "Malformed input, naming the field."},
+}
 _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     **_NOT_FOUND,
-    413: {"description": "Body over the size limit."},
-    503: {"description": "Not ready or overloaded; retry after Retry-After seconds."},
+    413: {"model": ErrorBody, "description": "Body over the size limit."},
+    503: {
+        "model": ErrorBody,
+        "description": "Not ready or overloaded; retry after Retry-After seconds.",
+    },
 }
 
 

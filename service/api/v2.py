@@ -16,6 +16,7 @@ import torch
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
+from starlette.routing import Match
 
 from service import __version__
 from service.api import health
@@ -298,8 +299,22 @@ def unknown_output(name: str, available: list[str]) -> str:
 
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
-async def unsupported(path: str) -> Response:
+async def unsupported(request: Request, path: str) -> Response:
     """Endpoints of protocol extensions this server lacks answer in the protocol's format."""
+    allowed = sorted(  # this catch-all also meets PUT /v2/health/live: that path exists, 405
+        method
+        for route in router.routes
+        if isinstance(route, APIRoute) and route.endpoint is not unsupported
+        if route.matches(request.scope)[0] is Match.PARTIAL
+        for method in route.methods or ()
+    )
+    if allowed:
+        return Response(
+            orjson.dumps({"error": f"method {request.method} not allowed; use {allowed}"}),
+            status_code=405,
+            media_type="application/json",
+            headers={"Allow": ", ".join(allowed)},
+        )
     return Response(
         orjson.dumps({"error": f"/v2/{path[:128]} is not an endpoint of this server"}),
         status_code=404,
