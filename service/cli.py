@@ -1,4 +1,4 @@
-"""Command line: ``dropout-service serve`` and ``dropout-service train``."""
+"""Command line: ``dropout-service serve``, ``train``, ``benchmark`` and the demo trainers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from service.settings import Settings
+from service.protocol import ProtocolOptions
 from service.training import TrainOptions
 
 
@@ -66,6 +67,37 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from service.datasets import UCIDataset
+    from service.protocol import ProtocolOptions, results_table, run_protocol
+
+    # Each step is a handful of small kernels: extra threads only add contention.
+    torch.set_num_threads(args.threads)
+    opts = ProtocolOptions(
+        splits=args.splits,
+        epochs=args.epochs,
+        epoch_multiplier=args.epoch_multiplier,
+        hidden=args.hidden,
+        val_mc_samples=args.val_mc_samples,
+        mc_samples=args.mc_samples,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    results = []
+    for name in args.datasets:
+        result = run_protocol(UCIDataset.load(name), opts)
+        results.append(result)
+        print(results_table([result]).splitlines()[-1], flush=True)
+    print(results_table(results))
+    if args.json:
+        args.json.write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dropout-service", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mc-samples", type=int, default=d.mc_samples, help="T for scoring")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
+
+    p = ProtocolOptions()
+    bench = sub.add_parser(
+        "benchmark", help="Gal & Ghahramani's UCI protocol: grid search, refit, MC test scores"
+    )
+    bench.add_argument("datasets", nargs="+", help="shipped data set names or folders")
+    bench.add_argument("--splits", type=int, help="run the first K splits (default all)")
+    bench.add_argument("--epochs", type=int, help="epochs (default n_epochs.txt x multiplier)")
+    bench.add_argument("--epoch-multiplier", type=int, default=p.epoch_multiplier)
+    bench.add_argument("--hidden", type=int, help="hidden units (default n_hidden.txt)")
+    bench.add_argument("--val-mc-samples", type=int, default=p.val_mc_samples)
+    bench.add_argument("--mc-samples", type=int, default=p.mc_samples, help="T on the test rows")
+    bench.add_argument("--seed", type=int, default=p.seed)
+    bench.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    bench.add_argument("--json", type=Path, help="write per-split results here")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_benchmark)
     return parser
 
 
