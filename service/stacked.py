@@ -2,9 +2,9 @@
 
 Every weight carries a leading model axis ``M`` and every layer is one ``torch.baddbmm``,
 so a whole hyper-parameter grid (and several data splits) trains in the time of a few
-sequential runs on a CPU. The models share nothing: each has its own data, dropout rate,
-L2 strength, shuffling and masks, and Adam is elementwise, so stacking them is the same
-as training them one by one (up to the random stream they draw from).
+sequential runs on a CPU. The models share no parameter: each has its own data, dropout rate,
+L2 strength and masks, and Adam is elementwise, so stacking them is the same as training
+them one by one, except that they visit their rows in the same shuffled order.
 
 The recipe is Gal & Ghahramani's Keras one (``net.py`` of DropoutUncertaintyExps):
 Glorot-uniform weights and zero biases, inverted dropout before every Dense layer, the mean
@@ -42,8 +42,9 @@ class Stack:
         h = x
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            mask = torch.rand(h.shape, generator=generator) < keep
-            h = h * mask / keep
+            # Inverted dropout noise, Bernoulli(keep) / keep, built in place: few passes.
+            noise = torch.bernoulli(keep.expand(h.shape), generator=generator).div_(keep)
+            h = h * noise
             lead = h.shape[:-1]
             h = torch.baddbmm(b, h.reshape(h.shape[0], -1, h.shape[-1]), w)
             h = h.reshape(*lead, w.shape[-1])
@@ -94,18 +95,18 @@ def train_stack(
     optimiser = torch.optim.Adam([*weights, *biases])
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress)
     for _ in bar:
-        order = torch.argsort(torch.rand(m, n, generator=generator), dim=1)  # (M, N)
+        # One shuffle for all M models (their masks still differ): an index_select per
+        # batch instead of M gathers.
         total = torch.zeros(m)
-        for idx in torch.split(order, batch_size, dim=1):
-            xb = torch.gather(x, 1, idx[..., None].expand(-1, -1, d))  # (M, B, D)
-            yb = torch.gather(y, 1, idx[..., None].expand(-1, -1, y.shape[-1]))
+        for idx in torch.split(torch.randperm(n, generator=generator), batch_size):
+            xb, yb = x[:, idx], y[:, idx]  # (M, B, D), (M, B, out)
             mse = (stack.forward(xb, generator) - yb).square().mean(dim=(1, 2))  # (M,)
             l2 = sum(w.square().sum(dim=(1, 2)) for w in weights)  # (M,)
             optimiser.zero_grad(set_to_none=True)
             # Summing the M losses keeps every model's gradient its own.
             (mse + reg * l2).sum().backward()
             optimiser.step()
-            total += mse.detach() * idx.shape[1]
+            total += mse.detach() * len(idx)
         bar.set_postfix(mse=f"{float(total.mean()) / n:.4f}", refresh=False)
     for t in (*weights, *biases):
         t.requires_grad_(False)
