@@ -8,9 +8,10 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.settings import Settings
+from service.demos import DIGITS_OPTIONS, SINE_GAP_OPTIONS
 from service.protocol import ProtocolOptions
-from service.training import TrainOptions
+from service.settings import Settings
+from service.training import TrainOptions, TrainReport
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -42,14 +43,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from service.datasets import UCIDataset
-    from service.training import train_uci_regression
-
-    opts = TrainOptions(
+def _options(args: argparse.Namespace, input_dropout: bool) -> TrainOptions:
+    return TrainOptions(
         hidden=tuple(args.hidden),
         dropout=args.dropout,
-        input_dropout=not args.no_input_dropout,
+        input_dropout=input_dropout,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -58,25 +56,70 @@ def _train(args: argparse.Namespace) -> int:
         mc_samples=args.mc_samples,
         progress=not args.quiet,
     )
-    dataset = UCIDataset.load(args.dataset)
-    out = args.out or Path("models") / dataset.name
-    report = train_uci_regression(dataset, args.split, out, opts, version=args.version)
+
+
+def _report(out: Path, report: TrainReport) -> int:
     print(f"wrote {out} in {report.seconds:.1f} s")
     for key, value in report.metrics.items():
         print(f"  {key}: {value}")
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from service.datasets import UCIDataset
+    from service.training import train_uci_regression
+
+    opts = _options(args, input_dropout=not args.no_input_dropout)
+    dataset = UCIDataset.load(args.dataset)
+    out = args.out or Path("models") / dataset.name
+    return _report(out, train_uci_regression(dataset, args.split, out, opts, version=args.version))
+
+
+def _train_digits(args: argparse.Namespace) -> int:
+    from service.demos import train_digits
+
+    _set_threads(args.threads)
+    opts = _options(args, input_dropout=False)
+    return _report(args.out, train_digits(args.out, opts, version=args.version))
+
+
+def _train_sine_gap(args: argparse.Namespace) -> int:
+    from service.demos import train_sine_gap
+
+    _set_threads(args.threads)
+    opts = _options(args, input_dropout=False)
+    return _report(args.out, train_sine_gap(args.out, opts, version=args.version))
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    # Small models run a handful of tiny kernels per step: extra threads only add
+    # contention (and spin-waiting on a busy machine), never speed.
+    torch.set_num_threads(n)
+
+
+def _add_fit_options(parser: argparse.ArgumentParser, d: TrainOptions) -> None:
+    """Flags shared by the training commands, with that command's defaults."""
+    parser.add_argument("--version", default="1", help="model version (default 1)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden))
+    parser.add_argument("--dropout", type=float, default=d.dropout)
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--mc-samples", type=int, default=d.mc_samples, help="T for scoring")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     import json
-
-    import torch
 
     from service.datasets import UCIDataset
     from service.protocol import ProtocolOptions, results_table, run_protocol
 
-    # Each step is a handful of small kernels: extra threads only add contention.
-    torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     opts = ProtocolOptions(
         splits=args.splits,
         epochs=args.epochs,
@@ -109,23 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="server processes (default 1)")
     serve.set_defaults(func=_serve)
 
-    d = TrainOptions()
     train = sub.add_parser("train", help="train a regression MLP on a UCI-format data set")
     train.add_argument("dataset", help="shipped data set name (concrete, energy, ...) or a folder")
     train.add_argument("--split", type=int, default=0, help="published split (default 0)")
     train.add_argument("--out", type=Path, help="model folder (default models/<dataset>)")
-    train.add_argument("--version", default="1", help="model version (default 1)")
-    train.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden))
-    train.add_argument("--dropout", type=float, default=d.dropout)
     train.add_argument("--no-input-dropout", action="store_true", help="no dropout on inputs")
-    train.add_argument("--epochs", type=int, default=d.epochs)
-    train.add_argument("--batch-size", type=int, default=d.batch_size)
-    train.add_argument("--lr", type=float, default=d.lr)
-    train.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    train.add_argument("--seed", type=int, default=d.seed)
-    train.add_argument("--mc-samples", type=int, default=d.mc_samples, help="T for scoring")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_fit_options(train, TrainOptions())
     train.set_defaults(func=_train)
+
+    digits = sub.add_parser(
+        "train-digits", help="train the digits classifier (needs the demo extra: scikit-learn)"
+    )
+    digits.add_argument("--out", type=Path, default=Path("models/digits"))
+    _add_fit_options(digits, DIGITS_OPTIONS)
+    digits.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    digits.set_defaults(func=_train_digits)
+
+    sine = sub.add_parser("train-sine-gap", help="train the 1-D sine-with-a-gap regression")
+    sine.add_argument("--out", type=Path, default=Path("models/sine-gap"))
+    _add_fit_options(sine, SINE_GAP_OPTIONS)
+    sine.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    sine.set_defaults(func=_train_sine_gap)
 
     p = ProtocolOptions()
     bench = sub.add_parser(

@@ -113,8 +113,76 @@ def _prepare(pairs: list[tuple[np.ndarray, np.ndarray]]) -> _Prepared:
     return _Prepared(t(xs), t(ys), torch.as_tensor(np.stack(raw)), sx_all, sy_all)
 
 
-def _reg(p: torch.Tensor, tau: torch.Tensor, n: int, lengthscale: float) -> torch.Tensor:
-    return lengthscale**2 * (1 - p) / (2.0 * n * tau)
+def _fit_stack(
+    data: _Prepared,
+    pairs: list[tuple[float, float]],
+    hidden: int,
+    epochs: int,
+    opts: ProtocolOptions,
+    generator: torch.Generator,
+    desc: str,
+) -> Stack:
+    """Train one model per row of ``data.x`` with its (dropout rate, tau) pair."""
+    p = torch.tensor([pt[0] for pt in pairs], dtype=torch.float32)
+    tau = torch.tensor([pt[1] for pt in pairs], dtype=torch.float32)
+    n = data.x.shape[1]
+    reg = opts.lengthscale**2 * (1 - p) / (2.0 * n * tau)
+    return train_stack(
+        data.x,
+        data.y,
+        (hidden,),
+        p,
+        reg,
+        epochs=epochs,
+        batch_size=opts.batch_size,
+        generator=generator,
+        desc=desc,
+        progress=opts.progress,
+    )
+
+
+def _grid_search(
+    dataset: UCIDataset,
+    splits: list[Split],
+    grid: list[tuple[float, float]],
+    hidden: int,
+    epochs: int,
+    opts: ProtocolOptions,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Validation MC log-likelihood ``(S, G)`` of every grid pair on every split.
+
+    S x G models in one stack, each fitted on its split's first 80% of training rows (in
+    file order, as the paper's code) and scored on the last 20%.
+    """
+    s, g = len(splits), len(grid)
+    n_fit = int((1 - opts.validation_fraction) * len(splits[0].x_train))
+    fit = _prepare([(sp.x_train[:n_fit], sp.y_train[:n_fit]) for sp in splits])
+    repeated = _Prepared(
+        fit.x.repeat_interleave(g, 0), fit.y.repeat_interleave(g, 0), fit.y_raw, [], []
+    )
+    stack = _fit_stack(
+        repeated, grid * s, hidden, epochs, opts, generator, f"{dataset.name}: grid of {s}x{g}"
+    )
+    val_x = torch.stack(
+        [
+            torch.as_tensor((sp.x_train[n_fit:] - np.asarray(sx.mean)) / np.asarray(sx.std))
+            for sp, sx in zip(splits, fit.x_std, strict=True)
+        ]
+    ).float()
+    val_y = torch.as_tensor(np.stack([sp.y_train[n_fit:, 0] for sp in splits]))
+    y_mean = torch.tensor([sy.mean[0] for sy in fit.y_std]).repeat_interleave(g)
+    y_sd = torch.tensor([sy.std[0] for sy in fit.y_std]).repeat_interleave(g)
+    tau = torch.tensor([pt[1] for pt in grid], dtype=torch.float32).repeat(s).double()
+    return mc_log_likelihood_stack(
+        stack,
+        val_x.repeat_interleave(g, 0),
+        val_y.repeat_interleave(g, 0),
+        (y_mean, y_sd),
+        tau,
+        opts.val_mc_samples,
+        generator,
+    ).view(s, g)
 
 
 def run_protocol(dataset: UCIDataset, opts: ProtocolOptions) -> ProtocolResult:
@@ -123,77 +191,28 @@ def run_protocol(dataset: UCIDataset, opts: ProtocolOptions) -> ProtocolResult:
     hidden = opts.hidden or int(dataset.protocol("n_hidden")[0])
     epochs = opts.epochs or int(dataset.protocol("n_epochs")[0] * opts.epoch_multiplier)
     rates, taus = dataset.protocol("dropout_rates"), dataset.protocol("tau_values")
+    grid = [(p, tau) for p in rates for tau in taus]
     n_splits = min(opts.splits or dataset.n_splits(), dataset.n_splits())
-    grid = [(p, tau) for p in rates for tau in taus]  # (G,)
     splits = [dataset.split(k) for k in range(n_splits)]
     generator = torch.Generator().manual_seed(opts.seed)
 
-    # Grid search: S x G models, one stack, each on its split's first 80% of training rows.
-    n_fit = int((1 - opts.validation_fraction) * len(splits[0].x_train))
-    fit = _prepare([(s.x_train[:n_fit], s.y_train[:n_fit]) for s in splits])
-    g = len(grid)
-    p = torch.tensor([pt[0] for pt in grid], dtype=torch.float32).repeat(n_splits)  # (S*G,)
-    tau = torch.tensor([pt[1] for pt in grid], dtype=torch.float32).repeat(n_splits)
-    stack = train_stack(
-        fit.x.repeat_interleave(g, 0),
-        fit.y.repeat_interleave(g, 0),
-        (hidden,),
-        p,
-        _reg(p, tau, n_fit, opts.lengthscale),
-        epochs=epochs,
-        batch_size=opts.batch_size,
-        generator=generator,
-        desc=f"{dataset.name}: grid of {n_splits}x{g}",
-        progress=opts.progress,
-    )
-    val_x = torch.stack(
-        [
-            torch.as_tensor(
-                (s.x_train[n_fit:] - np.asarray(sx.mean)) / np.asarray(sx.std), dtype=torch.float32
-            )
-            for s, sx in zip(splits, fit.x_std, strict=True)
-        ]
-    )
-    y_mean = torch.tensor([sy.mean[0] for sy in fit.y_std]).repeat_interleave(g)
-    y_sd = torch.tensor([sy.std[0] for sy in fit.y_std]).repeat_interleave(g)
-    val_y = torch.as_tensor(np.stack([s.y_train[n_fit:, 0] for s in splits]))
-    val_ll = mc_log_likelihood_stack(
-        stack,
-        val_x.repeat_interleave(g, 0),
-        val_y.repeat_interleave(g, 0),
-        (y_mean, y_sd),
-        tau.double(),
-        opts.val_mc_samples,
-        generator,
-    ).view(n_splits, g)
+    val_ll = _grid_search(dataset, splits, grid, hidden, epochs, opts, generator)
     best = val_ll.argmax(dim=1).tolist()  # first best on ties, as the paper's strict ">"
-
-    # Final models: every split's best pair, retrained on all its training rows, one stack.
-    full = _prepare([(s.x_train, s.y_train) for s in splits])
-    n = len(splits[0].x_train)
-    p_best = torch.tensor([grid[b][0] for b in best], dtype=torch.float32)
-    tau_best = torch.tensor([grid[b][1] for b in best], dtype=torch.float32)
-    final = train_stack(
-        full.x,
-        full.y,
-        (hidden,),
-        p_best,
-        _reg(p_best, tau_best, n, opts.lengthscale),
-        epochs=epochs,
-        batch_size=opts.batch_size,
-        generator=generator,
-        desc=f"{dataset.name}: final x{n_splits}",
-        progress=opts.progress,
+    # Every split's best pair, retrained on all its training rows: one stack again.
+    full = _prepare([(sp.x_train, sp.y_train) for sp in splits])
+    pairs = [grid[b] for b in best]
+    final = _fit_stack(
+        full, pairs, hidden, epochs, opts, generator, f"{dataset.name}: final x{n_splits}"
     )
     result = ProtocolResult(dataset.name, opts, epochs, hidden)
     for k, split in enumerate(splits):
-        config = protocol_config(dataset, hidden, grid[best[k]], full.x_std[k], full.y_std[k])
+        config = protocol_config(dataset, hidden, pairs[k], full.x_std[k], full.y_std[k])
         scores = score_split(MLPEngine(config, final.tensors(k)), split, opts, seed=opts.seed + k)
         result.splits.append(
             SplitResult(
                 split=k,
-                dropout=grid[best[k]][0],
-                tau=grid[best[k]][1],
+                dropout=pairs[k][0],
+                tau=pairs[k][1],
                 validation_ll=float(val_ll[k, best[k]]),
                 **scores,
             )
@@ -234,7 +253,8 @@ def score_split(
     x = torch.as_tensor(split.x_test, dtype=torch.float32)
     y = split.y_test[:, 0]
     mc = engine.predict_mc(x, opts.mc_samples, seed, return_samples=True)
-    assert mc.samples is not None and engine.config.noise_variance is not None
+    assert mc.samples is not None
+    assert engine.config.noise_variance is not None
     noise = engine.config.noise_variance[0]
     mean = mc.mean.numpy()[:, 0]
     return {
@@ -254,14 +274,14 @@ def results_table(results: list[ProtocolResult]) -> str:
     ]
     for r in results:
         rmse_pub, ll_pub = PUBLISHED.get(r.dataset, ("-", "-"))
-
-        def fmt(key: str, digits: int) -> str:
-            mean, se = r.summary(key)
-            return f"{mean:.{digits}f} +- {se:.{digits}f}"
-
         lines.append(
-            f"| {r.dataset} | {len(r.splits)} | {r.epochs} | {fmt('test_rmse_mc', 2)} "
-            f"| {rmse_pub} | {fmt('test_ll', 2)} | {ll_pub} | {fmt('test_coverage_95', 3)} "
-            f"| {r.seconds:.0f} |"
+            f"| {r.dataset} | {len(r.splits)} | {r.epochs} | {_pm(r, 'test_rmse_mc', 2)} "
+            f"| {rmse_pub} | {_pm(r, 'test_ll', 2)} | {ll_pub} "
+            f"| {_pm(r, 'test_coverage_95', 3)} | {r.seconds:.0f} |"
         )
     return "\n".join(lines)
+
+
+def _pm(result: ProtocolResult, key: str, digits: int) -> str:
+    mean, se = result.summary(key)
+    return f"{mean:.{digits}f} +- {se:.{digits}f}"

@@ -14,6 +14,7 @@ with its default settings, reshuffled mini-batches every epoch.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -66,7 +67,7 @@ def glorot_stack(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Keras' default initialisation for M models: Glorot-uniform weights, zero biases."""
     weights, biases = [], []
-    for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
+    for fan_in, fan_out in itertools.pairwise(widths):
         limit = math.sqrt(6.0 / (fan_in + fan_out))
         w = (torch.rand(m, fan_in, fan_out, generator=generator) * 2 - 1) * limit
         weights.append(w.requires_grad_())
@@ -87,7 +88,7 @@ def train_stack(
     desc: str = "train",
     progress: bool = True,
 ) -> Stack:
-    """Fit M MLPs, model ``m`` on ``x[m] (N, D)``, ``y[m] (N, out)``, rate ``p[m]``, L2 ``reg[m]``."""
+    """Fit M MLPs: model ``m`` on ``x[m] (N, D)``, ``y[m] (N, out)``, with ``p[m]``, ``reg[m]``."""
     m, n, d = x.shape
     widths = [d, *hidden, y.shape[-1]]
     weights, biases = glorot_stack(m, widths, generator)
@@ -101,10 +102,10 @@ def train_stack(
         for idx in torch.split(torch.randperm(n, generator=generator), batch_size):
             xb, yb = x[:, idx], y[:, idx]  # (M, B, D), (M, B, out)
             mse = (stack.forward(xb, generator) - yb).square().mean(dim=(1, 2))  # (M,)
-            l2 = sum(w.square().sum(dim=(1, 2)) for w in weights)  # (M,)
+            l2 = torch.stack([w.square().sum(dim=(1, 2)) for w in weights]).sum(0)  # (M,)
             optimiser.zero_grad(set_to_none=True)
             # Summing the M losses keeps every model's gradient its own.
-            (mse + reg * l2).sum().backward()
+            torch.autograd.backward((mse + reg * l2).sum())
             optimiser.step()
             total += mse.detach() * len(idx)
         bar.set_postfix(mse=f"{float(total.mean()) / n:.4f}", refresh=False)
