@@ -92,29 +92,28 @@ class _Prepared:
 
     x: torch.Tensor  # (S, N, D) standardised
     y: torch.Tensor  # (S, N, 1) standardised
-    y_raw: torch.Tensor  # (S, N) original units
     x_std: list[Standardization]
     y_std: list[Standardization]
 
 
 def _prepare(pairs: list[tuple[np.ndarray, np.ndarray]]) -> _Prepared:
-    xs, ys, raw, sx_all, sy_all = [], [], [], [], []
+    xs, ys, sx_all, sy_all = [], [], [], []
     for x, y in pairs:
         sx, sy = standardization(x), standardization(y)
         xs.append((x - np.asarray(sx.mean)) / np.asarray(sx.std))
         ys.append((y - np.asarray(sy.mean)) / np.asarray(sy.std))
-        raw.append(y[:, 0])
         sx_all.append(sx)
         sy_all.append(sy)
 
     def t(v: list[np.ndarray]) -> torch.Tensor:
         return torch.as_tensor(np.stack(v), dtype=torch.float32)
 
-    return _Prepared(t(xs), t(ys), torch.as_tensor(np.stack(raw)), sx_all, sy_all)
+    return _Prepared(t(xs), t(ys), sx_all, sy_all)
 
 
 def _fit_stack(
-    data: _Prepared,
+    x: torch.Tensor,
+    y: torch.Tensor,
     pairs: list[tuple[float, float]],
     hidden: int,
     epochs: int,
@@ -122,14 +121,14 @@ def _fit_stack(
     generator: torch.Generator,
     desc: str,
 ) -> Stack:
-    """Train one model per row of ``data.x`` with its (dropout rate, tau) pair."""
+    """Train model ``m`` on ``x[m] (N, D)``, ``y[m] (N, 1)`` with the pair ``pairs[m]``."""
     p = torch.tensor([pt[0] for pt in pairs], dtype=torch.float32)
     tau = torch.tensor([pt[1] for pt in pairs], dtype=torch.float32)
-    n = data.x.shape[1]
+    n = x.shape[1]
     reg = opts.lengthscale**2 * (1 - p) / (2.0 * n * tau)
     return train_stack(
-        data.x,
-        data.y,
+        x,
+        y,
         (hidden,),
         p,
         reg,
@@ -158,11 +157,15 @@ def _grid_search(
     s, g = len(splits), len(grid)
     n_fit = int((1 - opts.validation_fraction) * len(splits[0].x_train))
     fit = _prepare([(sp.x_train[:n_fit], sp.y_train[:n_fit]) for sp in splits])
-    repeated = _Prepared(
-        fit.x.repeat_interleave(g, 0), fit.y.repeat_interleave(g, 0), fit.y_raw, [], []
-    )
     stack = _fit_stack(
-        repeated, grid * s, hidden, epochs, opts, generator, f"{dataset.name}: grid of {s}x{g}"
+        fit.x.repeat_interleave(g, 0),
+        fit.y.repeat_interleave(g, 0),
+        grid * s,
+        hidden,
+        epochs,
+        opts,
+        generator,
+        f"{dataset.name}: grid of {s}x{g}",
     )
     val_x = torch.stack(
         [
@@ -202,7 +205,7 @@ def run_protocol(dataset: UCIDataset, opts: ProtocolOptions) -> ProtocolResult:
     full = _prepare([(sp.x_train, sp.y_train) for sp in splits])
     pairs = [grid[b] for b in best]
     final = _fit_stack(
-        full, pairs, hidden, epochs, opts, generator, f"{dataset.name}: final x{n_splits}"
+        full.x, full.y, pairs, hidden, epochs, opts, generator, f"{dataset.name}: final x{n_splits}"
     )
     result = ProtocolResult(dataset.name, opts, epochs, hidden)
     for k, split in enumerate(splits):
