@@ -1,4 +1,5 @@
-"""Command line: ``dropout-service serve``, ``train`` and ``report``."""
+"""Command line: ``dropout-service serve``, ``train``, ``report``, ``benchmark`` and the demo
+trainers."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from dataclasses import asdict
 from importlib.util import find_spec
 from pathlib import Path
 
+from service.demos import DIGITS_OPTIONS, SINE_GAP_OPTIONS
+from service.protocol import ProtocolOptions
 from service.report import ReportOptions
 from service.settings import Settings
-from service.training import TrainOptions
+from service.training import TrainOptions, TrainReport
 
 WORKER_HEALTHCHECK_TIMEOUT_S = 60
 
@@ -52,14 +55,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from service.datasets import UCIDataset
-    from service.training import train_uci_regression
-
-    opts = TrainOptions(
+def _options(args: argparse.Namespace, input_dropout: bool) -> TrainOptions:
+    return TrainOptions(
         hidden=tuple(args.hidden),
         dropout=args.dropout,
-        input_dropout=not args.no_input_dropout,
+        input_dropout=input_dropout,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -69,12 +69,96 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         scaling=args.scaling,
     )
-    dataset = UCIDataset.load(args.dataset)
-    out = args.out or Path("models") / dataset.name
-    report = train_uci_regression(dataset, args.split, out, opts, version=args.version)
+
+
+def _print_trained(out: Path, report: TrainReport) -> int:
     print(f"wrote {out} in {report.seconds:.1f} s")
     for key, value in report.metrics.items():
         print(f"  {key}: {value}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from service.datasets import UCIDataset
+    from service.training import train_uci_regression
+
+    opts = _options(args, input_dropout=not args.no_input_dropout)
+    dataset = UCIDataset.load(args.dataset)
+    out = args.out or Path("models") / dataset.name
+    return _print_trained(
+        out, train_uci_regression(dataset, args.split, out, opts, version=args.version)
+    )
+
+
+def _train_digits(args: argparse.Namespace) -> int:
+    from service.demos import train_digits
+
+    _set_threads(args.threads)
+    opts = _options(args, input_dropout=False)
+    return _print_trained(args.out, train_digits(args.out, opts, version=args.version))
+
+
+def _train_sine_gap(args: argparse.Namespace) -> int:
+    from service.demos import train_sine_gap
+
+    _set_threads(args.threads)
+    opts = _options(args, input_dropout=False)
+    return _print_trained(args.out, train_sine_gap(args.out, opts, version=args.version))
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    # Small models run a handful of tiny kernels per step: extra threads only add
+    # contention (and spin-waiting on a busy machine), never speed.
+    torch.set_num_threads(n)
+
+
+def _add_fit_options(parser: argparse.ArgumentParser, d: TrainOptions) -> None:
+    """Flags shared by the training commands, with that command's defaults."""
+    parser.add_argument("--version", default="1", help="model version (default 1)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden))
+    parser.add_argument("--dropout", type=float, default=d.dropout)
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--mc-samples", type=int, default=d.mc_samples, help="T for scoring")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--scaling",
+        choices=["inverted", "vanilla"],
+        default=d.scaling,
+        help="dropout scaling: inverted (torch's, identity at eval) or vanilla (x (1-p) at eval)",
+    )
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    import json
+
+    from service.datasets import UCIDataset
+    from service.protocol import ProtocolOptions, results_table, run_protocol
+
+    _set_threads(args.threads)
+    opts = ProtocolOptions(
+        splits=args.splits,
+        epochs=args.epochs,
+        epoch_multiplier=args.epoch_multiplier,
+        hidden=args.hidden,
+        val_mc_samples=args.val_mc_samples,
+        mc_samples=args.mc_samples,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    results = []
+    for name in args.datasets:
+        result = run_protocol(UCIDataset.load(name), opts)
+        results.append(result)
+        print(results_table([result]).splitlines()[-1], flush=True)
+    print(results_table(results))
+    if args.json:
+        args.json.write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
     return 0
 
 
@@ -117,28 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="server processes (default 1)")
     serve.set_defaults(func=_serve)
 
-    d = TrainOptions()
     train = sub.add_parser("train", help="train a regression MLP on a UCI-format data set")
     train.add_argument("dataset", help="shipped data set name (concrete, energy, ...) or a folder")
     train.add_argument("--split", type=int, default=0, help="published split (default 0)")
     train.add_argument("--out", type=Path, help="model folder (default models/<dataset>)")
-    train.add_argument("--version", default="1", help="model version (default 1)")
-    train.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden))
-    train.add_argument("--dropout", type=float, default=d.dropout)
     train.add_argument("--no-input-dropout", action="store_true", help="no dropout on inputs")
-    train.add_argument("--epochs", type=int, default=d.epochs)
-    train.add_argument("--batch-size", type=int, default=d.batch_size)
-    train.add_argument("--lr", type=float, default=d.lr)
-    train.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    train.add_argument("--seed", type=int, default=d.seed)
-    train.add_argument("--mc-samples", type=int, default=d.mc_samples, help="T for scoring")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.add_argument(
-        "--scaling",
-        choices=["inverted", "vanilla"],
-        default=d.scaling,
-        help="dropout scaling: inverted (torch's, identity at eval) or vanilla (x (1-p) at eval)",
-    )
+    _add_fit_options(train, TrainOptions())
     train.set_defaults(func=_train)
 
     r = ReportOptions()
@@ -153,6 +221,37 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=int, default=r.seed)
     report.add_argument("--threads", type=int, default=r.threads, help="torch intra-op threads")
     report.set_defaults(func=_report)
+
+    digits = sub.add_parser(
+        "train-digits", help="train the digits classifier (needs the demo extra: scikit-learn)"
+    )
+    digits.add_argument("--out", type=Path, default=Path("models/digits"))
+    _add_fit_options(digits, DIGITS_OPTIONS)
+    digits.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    digits.set_defaults(func=_train_digits)
+
+    sine = sub.add_parser("train-sine-gap", help="train the 1-D sine-with-a-gap regression")
+    sine.add_argument("--out", type=Path, default=Path("models/sine-gap"))
+    _add_fit_options(sine, SINE_GAP_OPTIONS)
+    sine.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    sine.set_defaults(func=_train_sine_gap)
+
+    p = ProtocolOptions()
+    bench = sub.add_parser(
+        "benchmark", help="Gal & Ghahramani's UCI protocol: grid search, refit, MC test scores"
+    )
+    bench.add_argument("datasets", nargs="+", help="shipped data set names or folders")
+    bench.add_argument("--splits", type=int, help="run the first K splits (default all)")
+    bench.add_argument("--epochs", type=int, help="epochs (default n_epochs.txt x multiplier)")
+    bench.add_argument("--epoch-multiplier", type=int, default=p.epoch_multiplier)
+    bench.add_argument("--hidden", type=int, help="hidden units (default n_hidden.txt)")
+    bench.add_argument("--val-mc-samples", type=int, default=p.val_mc_samples)
+    bench.add_argument("--mc-samples", type=int, default=p.mc_samples, help="T on the test rows")
+    bench.add_argument("--seed", type=int, default=p.seed)
+    bench.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    bench.add_argument("--json", type=Path, help="write per-split results here")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_benchmark)
     return parser
 
 

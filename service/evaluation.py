@@ -37,3 +37,54 @@ def interval_coverage(
     """Fraction of ``y`` inside the central ``level`` Gaussian interval mean +- z sd."""
     z = NormalDist().inv_cdf(0.5 + level / 2)
     return float(np.mean(np.abs(y - mean) <= z * np.sqrt(variance)))
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose most probable class is the label; ``probs (N, C)``, ``labels (N,)``."""
+    return float(np.mean(probs.argmax(1) == labels))
+
+
+def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean ``-log p(label)`` in nats; ``eps`` keeps a confident mistake finite."""
+    p = probs[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.maximum(p, eps))))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE of the top-class confidence (Guo et al. 2017): equal-width bins on (0, 1].
+
+    Sum over bins of (rows in bin / N) * |accuracy in bin - mean confidence in bin|.
+    """
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == labels
+    # Bin b holds confidences in (b/n, (b+1)/n]; a confidence of exactly 0 joins bin 0.
+    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        inside = bins == b
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(ece)
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy in nats over the last axis, with 0 log 0 = 0."""
+    logs = np.log(np.where(probs > 0, probs, 1.0))
+    h: np.ndarray = -(probs * logs).sum(-1)
+    return h
+
+
+def mutual_information(samples: np.ndarray) -> np.ndarray:
+    """BALD per row from MC probabilities ``(T, N, C)``: H(mean_t p_t) - mean_t H(p_t)."""
+    mi: np.ndarray = entropy(samples.mean(0)) - entropy(samples).mean(0)
+    return mi
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve of a score that should be higher on ``positive``.
+
+    The Mann-Whitney form: the chance that a random positive outscores a random negative,
+    ties counting one half.
+    """
+    diff = positive[:, None] - negative[None, :]
+    return float(np.mean((diff > 0) + 0.5 * (diff == 0)))

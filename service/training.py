@@ -87,14 +87,19 @@ def regression_config(name: str, version: str, input_dim: int, opts: TrainOption
 def fit(
     config: ModelConfig, x: np.ndarray, y: np.ndarray, opts: TrainOptions, desc: str
 ) -> dict[str, torch.Tensor]:
-    """Train ``config``'s MLP on standardised ``x (N, D)``, ``y (N, out)``; return its tensors."""
+    """Train ``config``'s MLP on standardised ``x (N, D)``; return its tensors.
+
+    Regression fits ``y (N, out)`` by mean squared error; classification fits class indices
+    ``y (N,)`` by cross-entropy on the logits.
+    """
+    classification = config.task == "classification"
     with torch.random.fork_rng():
         torch.manual_seed(opts.seed)
         model = build_sequential(config)
         xt = torch.as_tensor(x, dtype=torch.float32)
-        yt = torch.as_tensor(y, dtype=torch.float32)
+        yt = torch.as_tensor(y, dtype=torch.long if classification else torch.float32)
         optimiser = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-        loss_fn = nn.MSELoss()
+        loss_fn: nn.Module = nn.CrossEntropyLoss() if classification else nn.MSELoss()
         model.train()
         bar = tqdm(range(opts.epochs), desc=desc, unit="epoch", disable=not opts.progress)
         for _ in bar:
@@ -153,32 +158,44 @@ def train_uci_regression(
     data = dataset.split(split)
     name = name or out.name
     config = regression_config(name, version, data.x_train.shape[1], opts)
-    noise = estimate_noise_variance(config, data.x_train, data.y_train, opts)
-    config, tensors = fit_standardised(config, data.x_train, data.y_train, opts, "final model")
-    config = config.model_copy(update={"noise_variance": [noise]})
+    config, tensors = fit_regression(config, data.x_train, data.y_train, opts)
     metrics = score_regression(config, tensors, data.x_test, data.y_test, opts)
     seconds = time.perf_counter() - start
-    config = config.model_copy(
-        update={
-            "metrics": metrics,
-            "training": {
-                "dataset": dataset.name,
-                "split": split,
-                "n_train": len(data.x_train),
-                "n_test": len(data.x_test),
-                "options": {k: v for k, v in asdict(opts).items() if k != "progress"},
-                "seconds": round(seconds, 1),
-                "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "software": {
-                    "dropout-service": __version__,
-                    "torch": torch.__version__,
-                    "python": platform.python_version(),
-                },
-            },
-        }
+    training = provenance(
+        opts,
+        seconds,
+        dataset=dataset.name,
+        split=split,
+        n_train=len(data.x_train),
+        n_test=len(data.x_test),
     )
+    config = config.model_copy(update={"metrics": metrics, "training": training})
     config = save_model(out, config, tensors, regression_card(config, opts))
     return TrainReport(config=config, metrics=metrics, seconds=seconds)
+
+
+def fit_regression(
+    config: ModelConfig, x: np.ndarray, y: np.ndarray, opts: TrainOptions
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Noise variance from a held-out 20%, then the final fit on all of ``x``, ``y``."""
+    noise = estimate_noise_variance(config, x, y, opts)
+    config, tensors = fit_standardised(config, x, y, opts, "final model")
+    return config.model_copy(update={"noise_variance": [noise]}), tensors
+
+
+def provenance(opts: TrainOptions, seconds: float, **data: object) -> dict[str, object]:
+    """The ``training`` block of a config: data, options, time and software versions."""
+    return {
+        **data,
+        "options": {k: v for k, v in asdict(opts).items() if k != "progress"},
+        "seconds": round(seconds, 1),
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "software": {
+            "dropout-service": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
 
 
 def score_regression(

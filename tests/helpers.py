@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import torch
 import uvicorn
 
@@ -165,3 +166,21 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def write_uci_folder(
+    folder: Path, *, rows: int, train_rows: int, splits: int, noise: float, seed: int
+) -> Path:
+    """A data set in the UCI format: y = x0 - 2 x1 + noise over 3 inputs, random splits."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 3))
+    y = x[:, 0] - 2 * x[:, 1] + noise * rng.normal(size=rows)
+    folder.mkdir(parents=True)
+    np.savetxt(folder / "data.txt", np.column_stack([x, y]))
+    np.savetxt(folder / "index_features.txt", [0, 1, 2], fmt="%d")
+    np.savetxt(folder / "index_target.txt", [3], fmt="%d")
+    for k in range(splits):
+        order = rng.permutation(rows)
+        np.savetxt(folder / f"index_train_{k}.txt", order[:train_rows], fmt="%d")
+        np.savetxt(folder / f"index_test_{k}.txt", order[train_rows:], fmt="%d")
+    return folder

@@ -12,6 +12,7 @@ from service.cli import main
 from service.datasets import UCIDataset
 from service.repository import load_model
 from service.training import TrainOptions, train_uci_regression
+from tests.helpers import write_uci_folder
 
 QUICK = TrainOptions(hidden=(16,), epochs=3, batch_size=32, mc_samples=50, progress=False)
 
@@ -19,19 +20,7 @@ QUICK = TrainOptions(hidden=(16,), epochs=3, batch_size=32, mc_samples=50, progr
 @pytest.fixture
 def uci_folder(tmp_path: Path) -> Path:
     """A 300-row data set in the UCI format: y = x0 - 2 x1 + noise, two published splits."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(300, 3))
-    y = x[:, 0] - 2 * x[:, 1] + 0.1 * rng.normal(size=300)
-    folder = tmp_path / "toy"
-    folder.mkdir()
-    np.savetxt(folder / "data.txt", np.column_stack([x, y]))
-    np.savetxt(folder / "index_features.txt", [0, 1, 2], fmt="%d")
-    np.savetxt(folder / "index_target.txt", [3], fmt="%d")
-    for k in range(2):
-        order = rng.permutation(300)
-        np.savetxt(folder / f"index_train_{k}.txt", order[:250], fmt="%d")
-        np.savetxt(folder / f"index_test_{k}.txt", order[250:], fmt="%d")
-    return folder
+    return write_uci_folder(tmp_path / "toy", rows=300, train_rows=250, splits=2, noise=0.1, seed=0)
 
 
 def test_train_writes_a_servable_model(uci_folder: Path, tmp_path: Path) -> None:
