@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,11 @@ class Settings(BaseSettings):
         False, description="Report ready when some models failed to load (others still serve)."
     )
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    mc_mask: Literal["packed", "torch"] = Field(
+        "packed",
+        description="How MC draws dropout masks: packed (fast, exact Bernoulli) or torch "
+        "(torch's bernoulli_, mask for mask). Part of what a seed replays.",
+    )
 
     @model_validator(mode="after")
     def _default_within_max(self) -> Settings:
