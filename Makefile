@@ -36,5 +36,12 @@ format: $(VENV)/.installed-dev
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
 
-bench: $(VENV)/.installed-dev
-	$(BIN)/python bench/latency.py
+$(VENV)/.installed-bench: $(VENV)/.installed-dev
+	$(PIP) -e '.[dev,bench,peers]'
+	@touch $@
+
+# Regenerates docs/benchmarks.md and docs/benchmarks.png (BENCH_ARGS=--quick for short runs).
+bench: $(VENV)/.installed-bench
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && timeout 300 apt-get install -y -q wrk >/dev/null 2>&1; } \
+		|| echo "wrk not available: the HTTP load comes from an asyncio httpx client"
+	$(BIN)/python bench/report.py $(BENCH_ARGS)
