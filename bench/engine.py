@@ -30,6 +30,10 @@ BATCHED_MAX_BYTES = 400 * 2**20
 #: The floor's GEMMs run as single products up to this many rows, and are scaled linearly
 #: beyond (a GEMM of that height is already at the machine's throughput).
 FLOOR_MAX_ROWS = 1 << 15
+#: A method whose call would take longer than this (extrapolated linearly in T from the last
+#: T measured) is not run: the naive loop at T = 10000 would dominate the whole benchmark.
+MAX_CALL_SECONDS = 20.0
+BASELINES = ("naive loop", "naive batched", "peer")  # the methods that cap may skip
 
 Method = Callable[[torch.Tensor, int, int], object]
 
@@ -190,6 +194,20 @@ def time_cell(methods: dict[str, Method], x: torch.Tensor, samples: int, budget:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def too_slow(
+    methods: dict[str, Method], skipped: dict[str, str], last: Cell | None, t: int
+) -> None:
+    """Move the methods whose call would exceed ``MAX_CALL_SECONDS`` from ``methods`` to
+    ``skipped``, extrapolating from the previous cell of the same model and rows."""
+    if last is None:
+        return
+    for name, seconds in last.seconds.items():
+        estimate = seconds * t / last.samples
+        if name in methods and name in BASELINES and estimate > MAX_CALL_SECONDS:
+            del methods[name]
+            skipped[name] = f"about {estimate:.0f} s per call, extrapolated from T={last.samples}"
+
+
 def run(budget: float = 1.0, samples: tuple[int, ...] = SAMPLES) -> list[Cell]:
     peer = peer_module()
     cells = []
@@ -199,9 +217,11 @@ def run(budget: float = 1.0, samples: tuple[int, ...] = SAMPLES) -> list[Cell]:
             x = torch.randn(
                 rows, suite.config.input_dim, generator=torch.Generator().manual_seed(1)
             )
+            last = None
             for t in samples:
                 methods, skipped = suite.methods(rows, t)
-                cell = Cell(name, rows, t, time_cell(methods, x, t, budget), skipped)
+                too_slow(methods, skipped, last, t)
+                cell = last = Cell(name, rows, t, time_cell(methods, x, t, budget), skipped)
                 cells.append(cell)
                 print(
                     f"{name} B={rows} T={t}: "

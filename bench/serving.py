@@ -63,10 +63,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(bare: bool) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def server(bare: bool, threads: int) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A one-worker server on loopback, ready to answer; stopped on exit."""
     port = free_port()
-    env = {**os.environ, "DROPOUT_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "DROPOUT_LOG_LEVEL": "warning",
+        "DROPOUT_TORCH_THREADS": str(threads),
+        "PYTHONPATH": str(ROOT),
+    }
     if bare:
         cmd = [sys.executable, "-m", "uvicorn", "bare_app:app", "--log-level", "warning"]
         cmd += ["--host", "127.0.0.1", "--port", str(port)]
@@ -117,13 +122,15 @@ def with_wrk(url: str, body: dict[str, object], concurrency: int, seconds: float
     finally:
         os.unlink(f.name)
     out = done.stdout
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.MULTILINE))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
     failed = int(errors.group(1)) if errors else 0
     if socket_errors:
         failed += sum(int(n) for n in re.findall(r"\d+", socket_errors.group(1)))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    if len(latency) < 2:
+        print(f"wrk printed no latency percentiles:\n{out}", file=sys.stderr)
     p50, p99 = (_ms(latency[q]) if q in latency else float("nan") for q in ("50", "99"))
     return Load("", concurrency, rps, p50, p99, failed, "wrk")
 
@@ -156,11 +163,11 @@ def load_tool() -> str:
     return "wrk" if shutil.which("wrk") else "httpx"
 
 
-def run(seconds: float) -> list[Load]:
+def run(seconds: float, threads: int) -> list[Load]:
     measure = with_wrk if load_tool() == "wrk" else with_httpx
     results = []
     for name, path, body in TARGETS:
-        with server(bare=name.startswith("bare")) as (url, _):
+        with server(name.startswith("bare"), threads) as (url, _):
             for _ in range(20):  # warm-up: first-call allocations, lazy imports
                 httpx.post(url + path, json=body, timeout=30).raise_for_status()
             for c in CONCURRENCY:
@@ -182,10 +189,10 @@ def _rss_mib(pid: int) -> tuple[float, float]:
     return rss / 1024, hwm / 1024
 
 
-def peak_memory() -> dict[str, float]:
+def peak_memory(threads: int) -> dict[str, float]:
     """Server RSS before and peak during one MC request of max rows and max samples."""
     path = f"/v1/models/{MODEL}/predict/mc"
-    with server(bare=False) as (url, proc):
+    with server(False, threads) as (url, proc):
         httpx.post(url + path, json={"inputs": [ROW], "n_samples": 100}, timeout=60)
         before, _ = _rss_mib(proc.pid)
         body = {"inputs": [ROW] * MEMORY_ROWS, "n_samples": MEMORY_SAMPLES, "seed": 1}
