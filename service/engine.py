@@ -48,6 +48,10 @@ _ACTIVATIONS = {
 #: element in 256 whose byte ties: the same probability, with about an eighth of the random
 #: words.
 _TIE_BITS = 45
+#: Below this many elements the packed draw's dozen torch calls cost more than torch's kernel
+#: spends on the whole mask (measured on 2 cores: even at about 2^15), so smaller masks come
+#: from torch's kernel in both modes; which kernel draws a mask depends on its shape alone.
+PACKED_MIN_ELEMENTS = 1 << 15
 _FULL_RANGE = -(2**63)  # random_(from=int64 min, to=None) fills all 64 bits of each word
 
 
@@ -77,11 +81,12 @@ def keep_mask(
     """A float32 mask of ones (kept, probability 1-p) and zeros, drawn from ``generator``."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    if mode == "torch":
+    n = math.prod(shape)
+    if mode == "torch" or n < PACKED_MIN_ELEMENTS:
         return torch.empty(shape, dtype=torch.float32, device=device).bernoulli_(
             1.0 - p, generator=generator
         )
-    return _packed_keep_mask(math.prod(shape), 1.0 - p, generator, device).view(shape)
+    return _packed_keep_mask(n, 1.0 - p, generator, device).view(shape)
 
 
 def _random_words(n: int, generator: torch.Generator, device: torch.device | str) -> Tensor:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 import torch
 
-from service.engine import MLPEngine, keep_mask
+from service.engine import PACKED_MIN_ELEMENTS, MLPEngine, keep_mask
 from service.settings import Settings
 from tests.helpers import deep_regression_config, live_server, random_tensors
 
@@ -18,11 +18,20 @@ def gen(seed: int) -> torch.Generator:
 
 
 def test_packed_masks_replay_per_seed_and_differ_between_seeds() -> None:
-    a = keep_mask((300, 70), 0.3, gen(1), "packed")
-    assert torch.equal(a, keep_mask((300, 70), 0.3, gen(1), "packed"))
-    assert not torch.equal(a, keep_mask((300, 70), 0.3, gen(2), "packed"))
+    shape = (300, 170)
+    a = keep_mask(shape, 0.3, gen(1), "packed")
+    assert torch.equal(a, keep_mask(shape, 0.3, gen(1), "packed"))
+    assert not torch.equal(a, keep_mask(shape, 0.3, gen(2), "packed"))
+    assert not torch.equal(a, keep_mask(shape, 0.3, gen(1), "torch"))
     assert set(a.unique().tolist()) == {0.0, 1.0}
     assert a.dtype == torch.float32
+
+
+def test_masks_below_the_packed_size_come_from_torchs_kernel() -> None:
+    small = (PACKED_MIN_ELEMENTS - 1,)
+    assert torch.equal(
+        keep_mask(small, 0.3, gen(1), "packed"), keep_mask(small, 0.3, gen(1), "torch")
+    )
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
