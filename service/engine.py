@@ -11,7 +11,8 @@ Contracts (see DESIGN.md):
   CPU: ``empty_like(x).bernoulli_(1 - p)``, then ``div_(1 - p)``.
 * MC draws its masks in one of two modes (``MaskMode``), both exact Bernoulli(1 - p) at the
   53-bit resolution of torch's own kernel: ``torch`` is that kernel, mask for mask;
-  ``packed`` (the default) spends one random byte per element instead of 64 bits.
+  ``packed`` (the default) spends one random byte per element instead of 64 bits on masks
+  of ``PACKED_MIN_ELEMENTS`` or more.
 """
 
 from __future__ import annotations
