@@ -31,6 +31,15 @@ class MCAnswer:
     result: MCResult
 
 
+def _apply_torch_threads() -> None:
+    """Give this thread the intra-op thread count the process set (``torch.set_num_threads``).
+
+    OpenMP keeps that count per OS thread: without this, tensor work on the inference pool
+    runs with OpenMP's default team (every core), whatever the main thread chose.
+    """
+    torch.set_num_threads(torch.get_num_threads())
+
+
 class Runtime:
     """Validates requests against a model and the limits, then runs the engine off-loop."""
 
@@ -38,7 +47,9 @@ class Runtime:
         self.settings = settings
         self.repository: ModelRepository | None = None
         self._executor = ThreadPoolExecutor(
-            settings.inference_threads, thread_name_prefix="inference"
+            settings.inference_threads,
+            thread_name_prefix="inference",
+            initializer=_apply_torch_threads,
         )
 
     def model(self, name: str) -> LoadedModel:
