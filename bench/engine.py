@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from service.engine import MLPEngine, keep_mask
+from service.engine import MC_CHUNK_ELEMENTS, MLPEngine, keep_mask
 from service.model import ModelConfig, build_sequential, load_into_sequential
 
 P = 0.1
@@ -29,7 +29,7 @@ SAMPLES = (10, 100, 1000, 10_000)
 BATCHED_MAX_BYTES = 400 * 2**20
 #: The floor's GEMMs run as single products up to this many rows, and are scaled linearly
 #: beyond (a GEMM of that height is already at the machine's throughput).
-FLOOR_MAX_ROWS = 1 << 15
+FLOOR_MAX_ROWS = 1 << 13
 #: A method whose call would take longer than this (extrapolated linearly in T from the last
 #: T measured) is not run: the naive loop at T = 10000 would dominate the whole benchmark.
 MAX_CALL_SECONDS = 20.0
@@ -168,8 +168,9 @@ class Suite:
             first(x)  # once: no dropout before it
             gen = torch.Generator().manual_seed(seed)
             for a, w, out in zip(inputs, weights, outputs, strict=True):
-                if masks:
-                    keep_mask(tuple(a.shape), P, gen)
+                if masks:  # in pieces of an engine chunk: one huge draw is slower, not a floor
+                    for piece in range(0, a.numel(), MC_CHUNK_ELEMENTS):
+                        keep_mask((min(MC_CHUNK_ELEMENTS, a.numel() - piece),), P, gen)
                 torch.mm(a, w, out=out)
             return (time.perf_counter() - start) * (scale - 1)  # the rows not run
 

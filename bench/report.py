@@ -254,7 +254,8 @@ method returns the mean and population variance over T passes for B rows.
 - **engine (torch masks)**: the same with `mask_mode="torch"`, torch's own `bernoulli_`.
 - **floor**: every product after the first layer as one GEMM over T x B rows into a
   preallocated output, plus drawing the masks the cheapest exact way (packed); **floor
-  GEMMs** is the products alone. Over 32768 rows the floor runs 32768 and scales linearly.
+  GEMMs** is the products alone. Over 8192 rows the floor runs 8192 and scales linearly;
+  masks are drawn in pieces of one engine chunk (2^21 values).
 
 {engine_tables}
 ### Targets
