@@ -36,9 +36,6 @@ format: $(VENV)/.installed-dev
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
 
-bench: $(VENV)/.installed-dev
-	$(BIN)/python bench/latency.py
-
 # Long schema fuzzing and engine properties (make test runs a bounded number of examples).
 fuzz: $(VENV)/.installed-dev
 	FUZZ_EXAMPLES=300 PROPERTY_EXAMPLES=1000 $(BIN)/python -m pytest tests/test_fuzz.py tests/test_properties.py
@@ -47,13 +44,12 @@ fuzz: $(VENV)/.installed-dev
 soak: $(VENV)/.installed-dev
 	$(BIN)/python bench/soak.py --duration 300 --warmup 60
 
-# Eval throughput with dynamic batching on against off at 1, 8 and 64 clients; `make bench`
-# runs it too (before bench/latency.py).
+# Eval throughput with dynamic batching on against off at 1, 8 and 64 clients alone;
+# `make bench` includes it in docs/benchmarks.md.
 .PHONY: bench-throughput
 bench-throughput: $(VENV)/.installed-dev
 	$(BIN)/python bench/throughput.py
 
-bench: bench-throughput
 
 # The figures of docs/why-dropout-is-off.md, measured on the shipped model (under a minute).
 $(VENV)/.installed-report: $(VENV)/.installed
@@ -76,3 +72,13 @@ test: $(VENV)/.installed-deploy
 
 check-container: $(VENV)/.installed-deploy
 	$(BIN)/python -m pytest tests/test_container.py tests/test_deploy.py
+
+$(VENV)/.installed-bench: $(VENV)/.installed-dev
+	$(PIP) -e '.[dev,bench,peers]'
+	@touch $@
+
+# Regenerates docs/benchmarks.md and docs/benchmarks.png (BENCH_ARGS=--quick for short runs).
+bench: $(VENV)/.installed-bench
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && timeout 300 apt-get install -y -q wrk >/dev/null 2>&1; } \
+		|| echo "wrk not available: the HTTP load comes from an asyncio httpx client"
+	$(BIN)/python bench/report.py $(BENCH_ARGS)

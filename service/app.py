@@ -50,7 +50,7 @@ async def load_models(app: FastAPI) -> None:
     runtime: Runtime = app.state.runtime
     metrics: Metrics = app.state.metrics
     repo = await asyncio.to_thread(
-        ModelRepository.load, settings.model_dir, settings.torch_device()
+        ModelRepository.load, settings.model_dir, settings.torch_device(), settings.mc_mask
     )
     for model in repo:
         c = model.config

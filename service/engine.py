@@ -9,10 +9,15 @@ Contracts (see DESIGN.md):
   once, and walks ``T`` in chunks so that memory stays bounded.
 * ``dropout_noise`` draws its mask exactly as ``F.dropout(x, p, training=True)`` does on the
   CPU: ``empty_like(x).bernoulli_(1 - p)``, then ``div_(1 - p)``.
+* MC draws its masks in one of two modes (``MaskMode``), both exact Bernoulli(1 - p) at the
+  53-bit resolution of torch's own kernel: ``torch`` is that kernel, mask for mask;
+  ``packed`` (the default) spends one random byte per element instead of 64 bits on masks
+  of ``PACKED_MIN_ELEMENTS`` or more.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,17 +28,32 @@ from torch import Tensor
 from service.model import ModelConfig, bias_name, weight_name
 
 Scaling = Literal["inverted", "vanilla"]
+MaskMode = Literal["packed", "torch"]
+DEFAULT_MASK_MODE: MaskMode = "torch"
 
 #: Most activation elements (samples x rows x width) one MC chunk holds. Part of what a seed
 #: means: changing it changes the order in which masks are drawn, so it is not a setting.
 MC_CHUNK_ELEMENTS = 1 << 21
 
+# In place where torch has the op: they only ever run on a fresh F.linear output.
 _ACTIVATIONS = {
-    "relu": torch.relu,
-    "tanh": torch.tanh,
+    "relu": torch.relu_,
+    "tanh": torch.tanh_,
     "gelu": F.gelu,
-    "sigmoid": torch.sigmoid,
+    "sigmoid": torch.sigmoid_,
 }
+
+#: torch's CPU ``bernoulli_(q)`` keeps an element when a 53-bit uniform double is below ``q``,
+#: so P(keep) = ceil(q 2^53) / 2^53. The packed mode splits that threshold into its top 8 bits,
+#: compared with one random byte per element, and the 45 bits below, drawn only for the one
+#: element in 256 whose byte ties: the same probability, with about an eighth of the random
+#: words.
+_TIE_BITS = 45
+#: Below this many elements the packed draw's dozen torch calls cost more than torch's kernel
+#: spends on the whole mask (measured on 2 cores: even at about 2^15), so smaller masks come
+#: from torch's kernel in both modes; which kernel draws a mask depends on its shape alone.
+PACKED_MIN_ELEMENTS = 1 << 15
+_FULL_RANGE = -(2**63)  # random_(from=int64 min, to=None) fills all 64 bits of each word
 
 
 def dropout_noise(
@@ -45,13 +65,50 @@ def dropout_noise(
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Multiplicative dropout noise: a Bernoulli(1-p) mask, divided by 1-p when inverted."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    noise = torch.empty(shape, dtype=torch.float32, device=device)
-    noise.bernoulli_(1.0 - p, generator=generator)
+    noise = keep_mask(shape, p, generator, "torch", device=device)
     if scaling == "inverted":
         noise.div_(1.0 - p)
     return noise
+
+
+def keep_mask(
+    shape: tuple[int, ...],
+    p: float,
+    generator: torch.Generator,
+    mode: MaskMode = DEFAULT_MASK_MODE,
+    *,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """A float32 mask of ones (kept, probability 1-p) and zeros, drawn from ``generator``."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    n = math.prod(shape)
+    if mode == "torch" or n < PACKED_MIN_ELEMENTS:
+        return torch.empty(shape, dtype=torch.float32, device=device).bernoulli_(
+            1.0 - p, generator=generator
+        )
+    return _packed_keep_mask(n, 1.0 - p, generator, device).view(shape)
+
+
+def _random_words(n: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
+    words = torch.empty(n, dtype=torch.int64, device=device)
+    return words.random_(_FULL_RANGE, None, generator=generator)
+
+
+def _packed_keep_mask(
+    n: int, q: float, generator: torch.Generator, device: torch.device | str
+) -> Tensor:
+    threshold = math.ceil(q * 2**53)  # exact: q * 2^53 only shifts the exponent
+    high, low = threshold >> _TIE_BITS, threshold & ((1 << _TIE_BITS) - 1)
+    if high > 255:  # q rounds to 1: every byte is below the threshold
+        return torch.ones(n, dtype=torch.float32, device=device)
+    draws = _random_words((n + 7) // 8, generator, device).view(torch.uint8)[:n]
+    keep = torch.lt(draws, high, out=torch.empty(n, dtype=torch.float32, device=device))
+    ties = (draws == high).nonzero().squeeze(1)
+    if ties.numel():
+        extra = _random_words(ties.numel(), generator, device)
+        keep[ties] = extra.bitwise_and_((1 << _TIE_BITS) - 1).lt_(low).float()
+    return keep
 
 
 def dropout(
@@ -116,10 +173,12 @@ class MLPEngine:
         *,
         device: torch.device | str = "cpu",
         chunk_elements: int = MC_CHUNK_ELEMENTS,
+        mask_mode: MaskMode = DEFAULT_MASK_MODE,
     ) -> None:
         self.config = config
         self.device = torch.device(device)
         self.chunk_elements = chunk_elements
+        self.mask_mode: MaskMode = mask_mode
         self._act = _ACTIVATIONS[config.activation]
         self._layers = [
             (
@@ -129,6 +188,12 @@ class MLPEngine:
             for i in range(config.n_linear)
         ]
         self._p = [config.dropout_before(i) for i in range(config.n_linear)]
+        # MC multiplies by 0/1 masks; inverted dropout's 1/(1-p) moves into the weights that
+        # read the mask, which saves a pass over every mask.
+        self._mc_layers = [
+            (w / (1.0 - p), b) if p > 0 and config.dropout_scaling == "inverted" else (w, b)
+            for (w, b), p in zip(self._layers, self._p, strict=True)
+        ]
         # Layers before the first dropout are deterministic: MC computes them once.
         self._first_dropout = next((i for i, p in enumerate(self._p) if p > 0), config.n_linear)
         self._x_norm = self._affine(config.input_standardization)
@@ -153,8 +218,8 @@ class MLPEngine:
             h = self._linear(i, h)
         return h
 
-    def _linear(self, i: int, h: Tensor) -> Tensor:
-        w, b = self._layers[i]
+    def _linear(self, i: int, h: Tensor, *, mc: bool = False) -> Tensor:
+        w, b = (self._mc_layers if mc else self._layers)[i]
         h = F.linear(h, w, b)
         return self._act(h) if i < len(self._layers) - 1 else h
 
@@ -236,11 +301,11 @@ class MLPEngine:
 
     def _stochastic_pass(self, h0: Tensor, t: int, generator: torch.Generator) -> Tensor:
         """``t`` samples at once from the shared prefix ``h0 (B, d)``: returns ``(t, B, out)``."""
-        scaling = self.config.dropout_scaling
         h = h0.expand(t, *h0.shape)  # (t, B, d), a view until the first mask multiplies it
         for i in range(self._first_dropout, len(self._layers)):
             p = self._p[i]
             if p > 0:
-                h = h * dropout_noise(tuple(h.shape), p, generator, scaling, device=self.device)
-            h = self._linear(i, h)
+                mask = keep_mask(tuple(h.shape), p, generator, self.mask_mode, device=self.device)
+                h = mask.mul_(h)  # into the fresh mask: no copy of the expanded prefix
+            h = self._linear(i, h, mc=True)
         return h

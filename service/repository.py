@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from service.engine import MLPEngine
+from service.engine import DEFAULT_MASK_MODE, MaskMode, MLPEngine
 from service.errors import ModelNotFound
 from service.model import ModelConfig
 
@@ -57,7 +57,9 @@ class ModelRepository:
         return iter(self.models[name] for name in sorted(self.models))
 
     @classmethod
-    def load(cls, root: Path, device: torch.device | str = "cpu") -> ModelRepository:
+    def load(
+        cls, root: Path, device: torch.device | str = "cpu", mask_mode: MaskMode = DEFAULT_MASK_MODE
+    ) -> ModelRepository:
         """Load every folder under ``root``; a missing root is an empty repository.
 
         A folder without ``config.json`` is refused like any other damaged model, not skipped:
@@ -70,7 +72,7 @@ class ModelRepository:
             log.warning("no models found under %s", root)
         for folder in folders:
             try:
-                model = load_model(folder, device)
+                model = load_model(folder, device, mask_mode)
             except ModelLoadError as exc:
                 log.error("refused model %s: %s", folder.name, exc)
                 repo.failures[folder.name] = str(exc)
@@ -108,7 +110,9 @@ def read_config(folder: Path) -> ModelConfig:
     return config
 
 
-def load_model(folder: Path, device: torch.device | str = "cpu") -> LoadedModel:
+def load_model(
+    folder: Path, device: torch.device | str = "cpu", mask_mode: MaskMode = DEFAULT_MASK_MODE
+) -> LoadedModel:
     """Validate one folder and build its engine, or raise ``ModelLoadError``."""
     config = read_config(folder)
     weights = folder / config.weights_file
@@ -127,7 +131,8 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> LoadedModel:
             f"{config.weights_file}: not a valid safetensors file ({exc})"
         ) from None
     check_tensors(config, tensors)
-    return LoadedModel(config=config, engine=MLPEngine(config, tensors, device=device), path=folder)
+    engine = MLPEngine(config, tensors, device=device, mask_mode=mask_mode)
+    return LoadedModel(config=config, engine=engine, path=folder)
 
 
 def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,6 +73,11 @@ class Settings(BaseSettings):
         30.0, gt=0, le=3600, description="Deadline for a request's queueing and compute (504)."
     )
     access_log: bool = Field(True, description="One JSON access-log line per request, stdout.")
+    mc_mask: Literal["packed", "torch"] = Field(
+        "torch",
+        description="How MC draws dropout masks: packed (fast, exact Bernoulli) or torch "
+        "(torch's bernoulli_, mask for mask). Part of what a seed replays.",
+    )
 
     @model_validator(mode="after")
     def _default_within_max(self) -> Settings:

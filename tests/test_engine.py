@@ -149,9 +149,9 @@ def test_first_layers_before_dropout_run_once_and_samples_are_batched(
     calls: list[tuple[int, tuple[int, ...]]] = []
     linear = engine._linear
 
-    def spy(i: int, h: torch.Tensor) -> torch.Tensor:
+    def spy(i: int, h: torch.Tensor, **kwargs: bool) -> torch.Tensor:
         calls.append((i, tuple(h.shape)))
-        return linear(i, h)
+        return linear(i, h, **kwargs)
 
     monkeypatch.setattr(engine, "_linear", spy)
     engine.predict_mc(inputs(config, rows=10), 200, seed=0)

@@ -1,0 +1,42 @@
+"""The inference pool runs tensor work with the intra-op thread count the process chose."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.runtime import Runtime
+from service.settings import Settings
+
+
+def openmp() -> ctypes.CDLL:
+    """The OpenMP runtime torch loaded (its thread count is per OS thread)."""
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    libs = sorted({line.split()[-1] for line in maps.splitlines() if "gomp" in line})
+    if not libs:
+        pytest.skip("torch runs without GNU OpenMP here")
+    return ctypes.CDLL(libs[0])
+
+
+def test_inference_threads_use_the_configured_torch_threads(tmp_path: Path) -> None:
+    omp = openmp()
+    before = torch.get_num_threads()
+    wanted = 3 if (os.cpu_count() or 1) != 3 else 2  # differs from OpenMP's default team
+    torch.set_num_threads(wanted)
+    runtime = Runtime(Settings(model_dir=tmp_path, inference_threads=2))
+    try:
+
+        async def both_pool_threads() -> list[int]:
+            return list(
+                await asyncio.gather(*(runtime._run(omp.omp_get_max_threads) for _ in range(4)))
+            )
+
+        assert asyncio.run(both_pool_threads()) == [wanted] * 4
+    finally:
+        runtime.close()
+        torch.set_num_threads(before)
