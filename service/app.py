@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -39,11 +38,6 @@ Serves PyTorch MLPs with dropout.
 """
 
 
-def torch_threads(settings: Settings) -> int:
-    """Intra-op threads per worker: the setting, else the cores shared among the workers."""
-    return settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.workers)
-
-
 async def load_models(app: FastAPI) -> None:
     """Load the repository off the event loop, then publish it (readiness flips to 200)."""
     settings: Settings = app.state.settings
@@ -62,7 +56,7 @@ async def load_models(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    torch.set_num_threads(torch_threads(app.state.settings))
+    torch.set_num_threads(app.state.settings.intra_op_threads())
     app.state.metrics.torch_threads.set(torch.get_num_threads())
     loading = asyncio.create_task(load_models(app))
     try:

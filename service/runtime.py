@@ -64,15 +64,6 @@ def train_pass_seeds(seed: int, k: int) -> list[int]:
     return [int(c.generate_state(1, np.uint64)[0]) >> 1 for c in children]
 
 
-def _apply_torch_threads() -> None:
-    """Give this thread the intra-op thread count the process set (``torch.set_num_threads``).
-
-    OpenMP keeps that count per OS thread: without this, tensor work on the inference pool
-    runs with OpenMP's default team (every core), whatever the main thread chose.
-    """
-    torch.set_num_threads(torch.get_num_threads())
-
-
 class Runtime:
     """Validates requests against a model and the limits, then runs the engine off-loop."""
 
@@ -83,7 +74,10 @@ class Runtime:
         self._executor = ThreadPoolExecutor(
             settings.inference_threads,
             thread_name_prefix="inference",
-            initializer=_apply_torch_threads,
+            # OpenMP keeps the intra-op thread count per OS thread: without this, tensor work
+            # on the pool would run with OpenMP's default team, whatever the settings say.
+            initializer=torch.set_num_threads,
+            initargs=(settings.intra_op_threads(),),
         )
         self._admission = Admission(
             settings.max_queue_size, settings.request_timeout_s, self.metrics

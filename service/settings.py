@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -84,6 +85,10 @@ class Settings(BaseSettings):
         if self.default_n_samples > self.max_n_samples:
             raise ValueError("default_n_samples must not exceed max_n_samples")
         return self
+
+    def intra_op_threads(self) -> int:
+        """Intra-op torch threads per worker: the setting, else the cores shared by the workers."""
+        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     def torch_device(self) -> str:
         """The device to load models on; ``auto`` takes CUDA when torch sees one."""

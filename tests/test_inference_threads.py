@@ -27,8 +27,7 @@ def test_inference_threads_use_the_configured_torch_threads(tmp_path: Path) -> N
     omp = openmp()
     before = torch.get_num_threads()
     wanted = 3 if (os.cpu_count() or 1) != 3 else 2  # differs from OpenMP's default team
-    torch.set_num_threads(wanted)
-    runtime = Runtime(Settings(model_dir=tmp_path, inference_threads=2))
+    runtime = Runtime(Settings(model_dir=tmp_path, inference_threads=2, torch_threads=wanted))
     try:
 
         async def both_pool_threads() -> list[int]:

@@ -36,7 +36,7 @@ def printed_comments(code: str) -> list[str]:
 def test_readme_tritonclient_example(capsys: pytest.CaptureFixture[str]) -> None:
     code = readme_example()
     assert '"127.0.0.1:8000"' in code  # as `make run` serves it
-    settings = Settings(model_dir=ROOT / "models", torch_threads=1)
+    settings = Settings(model_dir=ROOT / "models", torch_threads=1, access_log=False)
     with live_server(settings) as server:
         ns: dict[str, Any] = {}
         exec(code.replace("127.0.0.1:8000", server.url.removeprefix("http://")), ns)
