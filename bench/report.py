@@ -304,11 +304,12 @@ NOTES = """
 - Masks are 0/1: inverted dropout's `1/(1-p)` is folded into the weights of the layer that
   reads the mask, once at load, which saves a pass over every mask. Activations run in place
   on the fresh `F.linear` output.
-- Masks are drawn in the **packed** mode by default (`DROPOUT_MC_MASK`): one random byte
-  per element instead of torch's 64-bit word, exact Bernoulli(1-p) at torch's 53-bit
-  resolution (see the README's "MC dropout masks"). The `engine (torch masks)` column is the
-  same engine with torch's `bernoulli_`, which keeps DESIGN.md contract 3's mask-for-mask
-  equality with `F.dropout`.
+- The `engine` column draws masks in the **packed** mode (`DROPOUT_MC_MASK=packed`, opt-in):
+  one random byte per element instead of torch's 64-bit word, exact Bernoulli(1-p) at
+  torch's 53-bit resolution (see the README's "MC dropout masks"). The `engine (torch
+  masks)` column is the same engine with torch's `bernoulli_`, the service's default, which
+  keeps DESIGN.md contract 3's mask-for-mask equality with `F.dropout`; the HTTP and memory
+  rows below run the service with its default (torch masks).
 - T is walked in chunks of at most 2^21 activation values (a pure function of the request
   shape, so seeds replay); summaries accumulate in float64 per chunk (Chan et al.), a cost
   proportional to the output width only.
@@ -332,10 +333,13 @@ NOTES = """
 - **Packed over torch masks**: the packed draw needs an eighth of the random words, but its
   compare and tie search are still passes over every element; the gain is largest where
   masks dominate (narrow layers, many samples) and small where GEMMs do.
-- **HTTP eval over the bare app**: the service adds the metrics and body-size middleware,
-  the model lookup and input checks, the tensor conversion, the engine call on the
+- **HTTP eval over the bare app**: the service adds the JSON access log (one line per
+  request through `logging` to stdout), the metrics, body-size and JSON-depth middleware,
+  the model lookup and input checks, the tensor conversion, admission and the batcher, the
+  64-row padded eval block (issue 5's bit-exact batching), the engine call on the
   inference thread (one thread round trip per request, in `service/runtime.py`), and the
-  response model. MC requests add the engine time itself, which at T = 1000 is most of it.
+  response model. Not yet profiled one by one: the next step for the 0.9x target. MC
+  requests add the engine time itself, which at T = 1000 is most of it.
 - **Shared machine**: on a loaded machine intra-op threads wait on each other; the tables
   say how many threads ran, and the load average is in the header.
 
