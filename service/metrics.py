@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -101,10 +102,10 @@ class Metrics:
 class MetricsMiddleware:
     """Counts and times requests by route template, model and status (pure ASGI: no buffering)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, known_model: object) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_model: Callable[[str], bool]) -> None:
         self.app = app
         self.metrics = metrics
-        self.known_model = known_model  # callable: name -> bool, keeps label values bounded
+        self.known_model = known_model  # keeps the model label's values bounded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -127,7 +128,7 @@ class MetricsMiddleware:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             name = scope.get("path_params", {}).get("name")
-            model = name if name and self.known_model(name) else ""  # type: ignore[operator]
+            model = name if name and self.known_model(name) else ""
             labels = (scope["method"], endpoint, model, str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
