@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from service.engine import MC_CHUNK_ELEMENTS, MLPEngine, keep_mask
+from service.engine import MC_CHUNK_ELEMENTS, MLPEngine, keep_mask, mask_source
 from service.model import ModelConfig, build_sequential, load_into_sequential
 
 P = 0.1
@@ -166,11 +166,11 @@ class Suite:
         def run(x: torch.Tensor, t: int, seed: int) -> object:
             start = time.perf_counter()
             first(x)  # once: no dropout before it
-            gen = torch.Generator().manual_seed(seed)
+            bits = mask_source(seed, "packed")
             for a, w, out in zip(inputs, weights, outputs, strict=True):
                 if masks:  # in pieces of an engine chunk: one huge draw is slower, not a floor
                     for piece in range(0, a.numel(), MC_CHUNK_ELEMENTS):
-                        keep_mask((min(MC_CHUNK_ELEMENTS, a.numel() - piece),), P, gen)
+                        keep_mask((min(MC_CHUNK_ELEMENTS, a.numel() - piece),), P, bits)
                 torch.mm(a, w, out=out)
             return (time.perf_counter() - start) * (scale - 1)  # the rows not run
 

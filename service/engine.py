@@ -4,15 +4,15 @@ Contracts (see DESIGN.md):
 
 * ``predict`` never draws a random number and never reads a train/eval flag: dropout layers
   are the identity (inverted scaling) or a multiplication by ``1 - p`` (vanilla scaling).
-* ``predict_mc`` owns one ``torch.Generator`` per call, runs the ``T`` passes as batched
+* ``predict_mc`` owns one random stream per call (``mask_source``), runs the ``T`` passes as batched
   tensor ops (no Python loop over samples), computes the layers before the first dropout
   once, and walks ``T`` in chunks so that memory stays bounded.
 * ``dropout_noise`` draws its mask exactly as ``F.dropout(x, p, training=True)`` does on the
   CPU: ``empty_like(x).bernoulli_(1 - p)``, then ``div_(1 - p)``.
 * MC draws its masks in one of two modes (``MaskMode``), both exact Bernoulli(1 - p) at the
-  53-bit resolution of torch's own kernel: ``torch`` is that kernel, mask for mask;
-  ``packed`` (the default) spends one random byte per element instead of 64 bits on masks
-  of ``PACKED_MIN_ELEMENTS`` or more.
+  53-bit resolution of torch's own kernel: ``torch`` (the default) is that kernel, mask for
+  mask; ``packed`` spends one byte of numpy's SFC64 stream per element instead of a 64-bit
+  mt19937 word, several times cheaper (see ``keep_mask``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,14 +47,21 @@ _ACTIVATIONS = {
 #: torch's CPU ``bernoulli_(q)`` keeps an element when a 53-bit uniform double is below ``q``,
 #: so P(keep) = ceil(q 2^53) / 2^53. The packed mode splits that threshold into its top 8 bits,
 #: compared with one random byte per element, and the 45 bits below, drawn only for the one
-#: element in 256 whose byte ties: the same probability, with about an eighth of the random
-#: words.
+#: element in 256 whose byte ties: the same probability, from an eighth of the random bits.
 _TIE_BITS = 45
-#: Below this many elements the packed draw's dozen torch calls cost more than torch's kernel
-#: spends on the whole mask (measured on 2 cores: even at about 2^15), so smaller masks come
-#: from torch's kernel in both modes; which kernel draws a mask depends on its shape alone.
-PACKED_MIN_ELEMENTS = 1 << 15
-_FULL_RANGE = -(2**63)  # random_(from=int64 min, to=None) fills all 64 bits of each word
+
+#: What one request's masks are drawn from: torch's generator (``torch`` mode) or numpy's
+#: SFC64 bit generator (``packed`` mode), seeded with the request's seed.
+MaskSource = torch.Generator | np.random.SFC64
+
+
+def mask_source(
+    seed: int, mode: MaskMode = DEFAULT_MASK_MODE, device: torch.device | str = "cpu"
+) -> MaskSource:
+    """The random stream of one MC request: every mask of the request is drawn from it."""
+    if mode == "packed":
+        return np.random.SFC64(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def dropout_noise(
@@ -65,7 +73,7 @@ def dropout_noise(
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Multiplicative dropout noise: a Bernoulli(1-p) mask, divided by 1-p when inverted."""
-    noise = keep_mask(shape, p, generator, "torch", device=device)
+    noise = keep_mask(shape, p, generator, device=device)
     if scaling == "inverted":
         noise.div_(1.0 - p)
     return noise
@@ -74,40 +82,38 @@ def dropout_noise(
 def keep_mask(
     shape: tuple[int, ...],
     p: float,
-    generator: torch.Generator,
-    mode: MaskMode = DEFAULT_MASK_MODE,
+    source: MaskSource,
     *,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """A float32 mask of ones (kept, probability 1-p) and zeros, drawn from ``generator``."""
+    """A float32 mask of ones (kept, probability 1-p) and zeros, drawn from ``source``.
+
+    From a ``torch.Generator`` it is torch's own ``bernoulli_(1 - p)``, mask for mask what
+    ``F.dropout`` draws; from an SFC64 bit generator it is the packed draw (built on the host,
+    then moved to ``device``).
+    """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    n = math.prod(shape)
-    if mode == "torch" or n < PACKED_MIN_ELEMENTS:
+    if isinstance(source, torch.Generator):
         return torch.empty(shape, dtype=torch.float32, device=device).bernoulli_(
-            1.0 - p, generator=generator
+            1.0 - p, generator=source
         )
-    return _packed_keep_mask(n, 1.0 - p, generator, device).view(shape)
+    keep = torch.from_numpy(_packed_keep_mask(math.prod(shape), 1.0 - p, source))
+    return keep.view(shape).to(device)
 
 
-def _random_words(n: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
-    words = torch.empty(n, dtype=torch.int64, device=device)
-    return words.random_(_FULL_RANGE, None, generator=generator)
-
-
-def _packed_keep_mask(
-    n: int, q: float, generator: torch.Generator, device: torch.device | str
-) -> Tensor:
+def _packed_keep_mask(n: int, q: float, bits: np.random.SFC64) -> np.ndarray:
+    """``n`` float32 Bernoulli(q) draws at torch's 53-bit resolution, one byte each."""
     threshold = math.ceil(q * 2**53)  # exact: q * 2^53 only shifts the exponent
     high, low = threshold >> _TIE_BITS, threshold & ((1 << _TIE_BITS) - 1)
     if high > 255:  # q rounds to 1: every byte is below the threshold
-        return torch.ones(n, dtype=torch.float32, device=device)
-    draws = _random_words((n + 7) // 8, generator, device).view(torch.uint8)[:n]
-    keep = torch.lt(draws, high, out=torch.empty(n, dtype=torch.float32, device=device))
-    ties = (draws == high).nonzero().squeeze(1)
-    if ties.numel():
-        extra = _random_words(ties.numel(), generator, device)
-        keep[ties] = extra.bitwise_and_((1 << _TIE_BITS) - 1).lt_(low).float()
+        return np.ones(n, dtype=np.float32)
+    draws = bits.random_raw((n + 7) // 8).view(np.uint8)[:n]
+    keep = np.empty(n, dtype=np.float32)
+    np.less(draws, high, out=keep, casting="unsafe")
+    ties = np.flatnonzero(draws == high)
+    if ties.size:
+        keep[ties] = (bits.random_raw(ties.size) & ((1 << _TIE_BITS) - 1)) < low
     return keep
 
 
@@ -259,8 +265,7 @@ class MLPEngine:
         """``n_samples`` dropout passes seeded by ``seed``, summarised (and kept if asked)."""
         if n_samples < 1:
             raise ValueError("n_samples must be >= 1")
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed)
+        source = mask_source(seed, self.mask_mode, self.device)
         h0 = self._prefix(x)  # (B, d)
         rows = h0.shape[0]
         chunk = self.chunk_size(rows, n_samples)
@@ -270,7 +275,7 @@ class MLPEngine:
         kept: list[Tensor] = []
         for start in range(0, n_samples, chunk):
             t = min(chunk, n_samples - start)
-            y = self._head(self._stochastic_pass(h0, t, generator))  # (t, B, out)
+            y = self._head(self._stochastic_pass(h0, t, source))  # (t, B, out)
             moments.add(y)
             if classification:
                 entropy_sum += entropy(y).sum(0, dtype=torch.float64)
@@ -295,17 +300,16 @@ class MLPEngine:
     def train_pass(self, x: Tensor, seed: int) -> Tensor:
         """One stochastic pass ``(B, out)`` seeded by ``seed``: what a model left in train mode
         answers to one call. Equal to ``predict_mc(x, 1, seed, return_samples=True)``'s sample."""
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed)
-        return self._head(self._stochastic_pass(self._prefix(x), 1, generator))[0].cpu()
+        source = mask_source(seed, self.mask_mode, self.device)
+        return self._head(self._stochastic_pass(self._prefix(x), 1, source))[0].cpu()
 
-    def _stochastic_pass(self, h0: Tensor, t: int, generator: torch.Generator) -> Tensor:
+    def _stochastic_pass(self, h0: Tensor, t: int, source: MaskSource) -> Tensor:
         """``t`` samples at once from the shared prefix ``h0 (B, d)``: returns ``(t, B, out)``."""
         h = h0.expand(t, *h0.shape)  # (t, B, d), a view until the first mask multiplies it
         for i in range(self._first_dropout, len(self._layers)):
             p = self._p[i]
             if p > 0:
-                mask = keep_mask(tuple(h.shape), p, generator, self.mask_mode, device=self.device)
+                mask = keep_mask(tuple(h.shape), p, source, device=self.device)
                 h = mask.mul_(h)  # into the fresh mask: no copy of the expanded prefix
             h = self._linear(i, h, mc=True)
         return h

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
-from service.engine import PACKED_MIN_ELEMENTS, MLPEngine, keep_mask
+from service.engine import MLPEngine, keep_mask, mask_source
 from service.settings import Settings
 from tests.helpers import deep_regression_config, live_server, random_tensors
 
@@ -17,27 +19,54 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def bits(seed: int) -> np.random.SFC64:
+    return np.random.SFC64(seed)
+
+
 def test_packed_masks_replay_per_seed_and_differ_between_seeds() -> None:
     shape = (300, 170)
-    a = keep_mask(shape, 0.3, gen(1), "packed")
-    assert torch.equal(a, keep_mask(shape, 0.3, gen(1), "packed"))
-    assert not torch.equal(a, keep_mask(shape, 0.3, gen(2), "packed"))
-    assert not torch.equal(a, keep_mask(shape, 0.3, gen(1), "torch"))
+    a = keep_mask(shape, 0.3, bits(1))
+    assert torch.equal(a, keep_mask(shape, 0.3, bits(1)))
+    assert not torch.equal(a, keep_mask(shape, 0.3, bits(2)))
+    assert not torch.equal(a, keep_mask(shape, 0.3, gen(1)))
     assert set(a.unique().tolist()) == {0.0, 1.0}
     assert a.dtype == torch.float32
 
 
-def test_masks_below_the_packed_size_come_from_torchs_kernel() -> None:
-    small = (PACKED_MIN_ELEMENTS - 1,)
-    assert torch.equal(
-        keep_mask(small, 0.3, gen(1), "packed"), keep_mask(small, 0.3, gen(1), "torch")
-    )
+@pytest.mark.parametrize("mode", ["packed", "torch"])
+def test_each_mode_draws_from_its_own_stream(mode: str) -> None:
+    source = mask_source(7, mode)  # type: ignore[arg-type]
+    expected = np.random.SFC64 if mode == "packed" else torch.Generator
+    assert isinstance(source, expected)
+    other = mask_source(7, "torch" if mode == "packed" else "packed")
+    small = (40, 5)  # small masks too: no size switches a mode to the other's kernel
+    mask = keep_mask(small, 0.3, source)
+    assert torch.equal(mask, keep_mask(small, 0.3, mask_source(7, mode)))  # type: ignore[arg-type]
+    assert not torch.equal(mask, keep_mask(small, 0.3, other))
+
+
+def test_ties_are_settled_by_45_more_bits_against_the_threshold_below_the_top_byte() -> None:
+    # Replay the packed draw by hand from the same stream: the byte decides unless it equals
+    # the threshold's top byte; then the low 45 bits of one more word decide, in order.
+    p = 0.1
+    n = 5000
+    mask = keep_mask((n,), p, bits(11)).numpy()
+    stream = bits(11)
+    threshold = math.ceil((1 - p) * 2**53)
+    high, low = threshold >> 45, threshold & ((1 << 45) - 1)
+    draws = stream.random_raw((n + 7) // 8).view(np.uint8)[:n]
+    expected = (draws < high).astype(np.float32)
+    ties = np.flatnonzero(draws == high)
+    assert ties.size > 0  # about n / 256 of them
+    for i, word in zip(ties, stream.random_raw(ties.size), strict=True):
+        expected[i] = float(int(word) & ((1 << 45) - 1) < low)
+    assert np.array_equal(mask, expected)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
 def test_zero_fraction_near_p_and_inverted_mean_preserved(p: float) -> None:
     n = 1 << 21
-    mask = keep_mask((n,), p, gen(0), "packed")
+    mask = keep_mask((n,), p, bits(0))
     sd = (p * (1 - p) / n) ** 0.5
     assert abs(float(1 - mask.mean()) - p) < 5 * sd
     assert abs(float(mask.mean()) / (1 - p) - 1.0) < 5 * sd / (1 - p)
@@ -48,7 +77,7 @@ def test_bytes_that_tie_the_threshold_are_settled_by_more_bits() -> None:
     # would give 201/256, dropping them 200/256; the extra bits must keep half of them.
     q = 200.5 / 256
     n = 1 << 22
-    mask = keep_mask((n,), 1 - q, gen(3), "packed")
+    mask = keep_mask((n,), 1 - q, bits(3))
     sd = (q * (1 - q) / n) ** 0.5
     assert abs(float(mask.mean()) - q) < 4 * sd
     assert 4 * sd < 1 / 512 / 2
@@ -56,13 +85,13 @@ def test_bytes_that_tie_the_threshold_are_settled_by_more_bits() -> None:
 
 def test_every_byte_lane_of_a_random_word_is_unbiased() -> None:
     # Eight mask elements share one 64-bit word; each byte position must keep with 1-p.
-    mask = keep_mask((1 << 20,), 0.25, gen(4), "packed").view(-1, 8)
+    mask = keep_mask((1 << 20,), 0.25, bits(4)).view(-1, 8)
     sd = (0.25 * 0.75 / mask.shape[0]) ** 0.5
     assert bool(((mask.mean(0) - 0.75).abs() < 5 * sd).all())
 
 
 def test_neighbouring_elements_are_uncorrelated() -> None:
-    mask = keep_mask((1 << 20,), 0.5, gen(5), "packed")
+    mask = keep_mask((1 << 20,), 0.5, bits(5))
     centred = mask - mask.mean()
     for lag in (1, 7, 8, 9):
         corr = float((centred[:-lag] * centred[lag:]).mean() / centred.square().mean())
@@ -71,12 +100,12 @@ def test_neighbouring_elements_are_uncorrelated() -> None:
 
 @pytest.mark.parametrize("mode", ["packed", "torch"])
 def test_p_zero_keeps_everything(mode: str) -> None:
-    assert bool((keep_mask((1000,), 0.0, gen(0), mode) == 1).all())  # type: ignore[arg-type]
+    assert bool((keep_mask((1000,), 0.0, mask_source(0, mode)) == 1).all())  # type: ignore[arg-type]
 
 
 def test_torch_mode_is_torchs_bernoulli() -> None:
     expected = torch.empty(50, 40).bernoulli_(0.8, generator=gen(9))
-    assert torch.equal(keep_mask((50, 40), 0.2, gen(9), "torch"), expected)
+    assert torch.equal(keep_mask((50, 40), 0.2, mask_source(9, "torch")), expected)
 
 
 def test_engine_modes_each_replay_and_agree_in_distribution() -> None:
