@@ -19,6 +19,7 @@ from service import __version__
 from service.accesslog import AccessLog, configure_access_log
 from service.api import health, v1, v2
 from service.errors import install_error_handlers
+from service.fastpath import FastPredict
 from service.limits import BodySizeLimit, JSONGuard
 from service.metrics import Metrics, MetricsMiddleware
 from service.repository import ModelRepository
@@ -56,8 +57,11 @@ async def load_models(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    torch.set_num_threads(app.state.settings.intra_op_threads())
-    app.state.metrics.torch_threads.set(torch.get_num_threads())
+    # The event loop computes only jobs under inline_max_macs, for which one thread is the
+    # fastest (a team of two costs more to wake than it saves); the inference threads run
+    # with the configured intra-op count (Runtime's pool initializer).
+    torch.set_num_threads(1)
+    app.state.metrics.torch_threads.set(app.state.settings.intra_op_threads())
     loading = asyncio.create_task(load_models(app))
     try:
         yield
@@ -91,6 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Added first, so innermost: it buffers only what BodySizeLimit let through.
     app.add_middleware(JSONGuard, max_depth=settings.max_json_depth)
+    routes = {getattr(route, "path", ""): route for route in v1.router.routes}
+    app.add_middleware(FastPredict, runtime=runtime, routes=routes)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_model=known_model)
     configure_access_log(settings.access_log)

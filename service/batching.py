@@ -26,8 +26,9 @@ from torch import Tensor
 from service.engine import MLPEngine
 from service.metrics import Metrics
 
-#: Runs a function off the event loop (``Runtime._run``).
-Runner = Callable[..., Awaitable[Any]]
+#: Runs a job of so many multiply-adds, returning its result, start and end
+#: (``Runtime._execute``: on the event loop when small, else on the inference threads).
+Runner = Callable[[Callable[[], Any], int], Awaitable[tuple[Any, float, float]]]
 
 
 def blocked_predict(engine: MLPEngine, x: Tensor, block_rows: int) -> Tensor:
@@ -39,7 +40,7 @@ def blocked_predict(engine: MLPEngine, x: Tensor, block_rows: int) -> Tensor:
         block = torch.zeros(block_rows, width, dtype=x.dtype)  # a fresh, aligned buffer
         block[: len(part)] = part
         outputs.append(engine.predict(block)[: len(part)])
-    return torch.cat(outputs)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 @dataclass(frozen=True)
@@ -157,9 +158,12 @@ class EvalBatcher:
 
     async def _forward(self, batch: list[_Pending]) -> None:
         x = torch.cat([p.x for p in batch])  # (rows, in)
-        work = timed(lambda: blocked_predict(self.engine, x, self.block_rows))
+        padded = -(-len(x) // self.block_rows) * self.block_rows
         try:
-            y, start, end = await self._run(work)
+            y, start, end = await self._run(
+                lambda: blocked_predict(self.engine, x, self.block_rows),
+                self.engine.eval_macs(padded),
+            )
         except Exception as exc:  # the engine's error belongs to every request of the batch
             for p in batch:
                 if not p.future.done():

@@ -17,6 +17,7 @@ Contracts (see DESIGN.md):
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -212,11 +213,29 @@ class MLPEngine:
         std = torch.tensor(s.std, dtype=torch.float32, device=self.device)  # type: ignore[attr-defined]
         return mean, std
 
+    # -- cost ------------------------------------------------------------------------------
+
+    def eval_macs(self, rows: int) -> int:
+        """Multiply-adds of an eval pass over ``rows`` rows (what the runtime sizes work by)."""
+        w = self.config.widths
+        return rows * sum(a * b for a, b in itertools.pairwise(w))
+
+    def mc_macs(self, rows: int, n_samples: int) -> int:
+        """Multiply-adds of ``predict_mc``: the prefix once, the rest ``n_samples`` times."""
+        w = self.config.widths
+        products = [a * b for a, b in itertools.pairwise(w)]
+        k = self._first_dropout
+        return rows * (sum(products[:k]) + n_samples * sum(products[k:]))
+
     # -- shared pieces -------------------------------------------------------------------
 
     def _prefix(self, x: Tensor) -> Tensor:
         """Input standardisation and the layers before the first dropout: ``(B, d)``."""
-        h = x.to(self.device, torch.float32)
+        h = (
+            x
+            if x.dtype == torch.float32 and x.device == self.device
+            else x.to(self.device, torch.float32)
+        )
         if self._x_norm is not None:
             mean, std = self._x_norm
             h = (h - mean) / std

@@ -89,6 +89,8 @@ def json_problem(body: bytes, max_depth: int) -> str | None:
         body.decode("utf-8")
     except UnicodeDecodeError as exc:
         return f"body is not UTF-8 (byte {exc.start}); JSON must be sent as UTF-8"
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return None  # too few brackets to nest deeper, wherever they stand
     depth = json_depth(body)
     if depth > max_depth:
         return f"JSON nested {depth} levels deep; the limit is {max_depth}"
@@ -115,7 +117,7 @@ class JSONGuard:
             await self.app(scope, receive, send)
             return
         try:
-            body = await _read_body(receive)
+            body = await read_body(receive)
         except HTTPException as exc:  # BodySizeLimit signals a streamed body over the limit
             await JSONResponse({"detail": exc.detail}, exc.status_code)(scope, receive, send)
             return
@@ -128,10 +130,10 @@ class JSONGuard:
             v2 = scope["path"].startswith("/v2/") and v2_error_response(error)
             await (v2 or error_response(error))(scope, receive, send)
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay(body, receive), send)
 
 
-async def _read_body(receive: Receive) -> bytes | None:
+async def read_body(receive: Receive) -> bytes | None:
     chunks: list[bytes] = []
     while True:
         message = await receive()
@@ -142,7 +144,7 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that hands over the buffered body once, then defers to the client's."""
     sent = False
 
@@ -171,12 +173,12 @@ class Admission:
         and ``DeadlineExceeded`` if the body outlives the deadline (its queued work is
         cancelled; a forward pass already running finishes in its thread, unobserved)."""
         if self._pending[model] >= self.max_pending:
-            self.metrics.rejected.labels(model, "overloaded").inc()
+            self.metrics.child(self.metrics.rejected, model, "overloaded").inc()
             raise Overloaded(
                 f"model {model!r} has {self.max_pending} requests in progress; retry later"
             )
         self._pending[model] += 1
-        self.metrics.pending.labels(model).inc()
+        self.metrics.child(self.metrics.pending, model).inc()
         deadline = asyncio.timeout(self.timeout_s)
         try:
             async with deadline:
@@ -184,10 +186,10 @@ class Admission:
         except TimeoutError:
             if not deadline.expired():
                 raise
-            self.metrics.rejected.labels(model, "deadline").inc()
+            self.metrics.child(self.metrics.rejected, model, "deadline").inc()
             raise DeadlineExceeded(
                 f"model {model!r} did not answer within {self.timeout_s:g} s"
             ) from None
         finally:
             self._pending[model] -= 1
-            self.metrics.pending.labels(model).dec()
+            self.metrics.child(self.metrics.pending, model).dec()

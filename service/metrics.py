@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics import MetricWrapperBase
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Queue waits and forward passes start far below a millisecond.
@@ -21,6 +25,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], object] = {}
         labels = ("method", "endpoint", "model", "status")
         self.requests = Counter(
             "dropout_http_requests",
@@ -93,10 +98,19 @@ class Metrics:
             registry=self.registry,
         )
 
+    def child(self, metric: M, *values: str) -> M:
+        """``metric.labels(*values)``, memoised: label sets here are bounded (route templates,
+        served models, statuses), and ``labels`` costs several times the update itself."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child  # type: ignore[return-value]
+
     def observe_batch(self, model: str, requests: int, rows: int, compute_s: float) -> None:
-        self.batch_requests.labels(model).observe(requests)
-        self.batch_rows.labels(model).observe(rows)
-        self.compute.labels(model, "eval").observe(compute_s)
+        self.child(self.batch_requests, model).observe(requests)
+        self.child(self.batch_rows, model).observe(rows)
+        self.child(self.compute, model, "eval").observe(compute_s)
 
 
 class MetricsMiddleware:
@@ -130,5 +144,5 @@ class MetricsMiddleware:
             name = scope.get("path_params", {}).get("name")
             model = name if name and self.known_model(name) else ""
             labels = (scope["method"], endpoint, model, str(status))
-            self.metrics.requests.labels(*labels).inc()
-            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+            self.metrics.child(self.metrics.requests, *labels).inc()
+            self.metrics.child(self.metrics.latency, *labels).observe(time.perf_counter() - start)

@@ -1,7 +1,10 @@
 """The data plane between HTTP and the engine: request checks, seeds, limits and threads.
 
 Tensor work runs on a small thread pool so that the event loop keeps answering health
-checks while a large MC request computes. Every protocol front end (v1, v2) calls this.
+checks while a large MC request computes; a job of at most ``inline_max_macs`` multiply-adds
+(a one-block eval batch, a short MC request on a small model) runs on the event loop itself,
+because handing it to a thread and back costs more than computing it. Every protocol front
+end (v1, v2) calls this.
 Each request is admitted per model (bounded, with a deadline; see ``limits.Admission``);
 eval requests are coalesced by a per-model ``EvalBatcher`` or, with batching off, run alone
 through the same fixed-block forward pass, so both paths give the same bits.
@@ -30,6 +33,8 @@ from service.repository import LoadedModel, ModelRepository
 from service.settings import Settings
 
 T = TypeVar("T")
+#: The smallest magnitude that rounds to infinity in float32 (FLT_MAX plus half an ulp).
+_FLOAT32_OVERFLOW = float(2**128 - 2**103)
 #: Request rows as JSON gives them, or a ``(B, in)`` tensor decoded from binary data.
 Inputs = list[list[float]] | torch.Tensor
 
@@ -62,6 +67,12 @@ def train_pass_seeds(seed: int, k: int) -> list[int]:
     """``k`` independent 63-bit seeds derived from ``seed`` (numpy's SeedSequence spawning)."""
     children = np.random.SeedSequence(seed).spawn(k)
     return [int(c.generate_state(1, np.uint64)[0]) >> 1 for c in children]
+
+
+def _check_finite(finite_rows: np.ndarray) -> None:
+    if not finite_rows.all():
+        bad = int(np.flatnonzero(~finite_rows)[0])
+        raise InvalidInput(["inputs", bad], f"row {bad} holds a value beyond float32 range")
 
 
 class Runtime:
@@ -106,11 +117,13 @@ class Runtime:
                     ["inputs", i],
                     f"row {i} has {len(row)} values; model {model.config.name!r} expects {width}",
                 )
-        x = torch.as_tensor(inputs, dtype=torch.float32)
-        if not torch.isfinite(x).all():
-            bad = int((~torch.isfinite(x)).any(1).nonzero()[0, 0])
-            raise InvalidInput(["inputs", bad], f"row {bad} holds a value beyond float32 range")
-        return x
+        if isinstance(inputs, torch.Tensor):
+            x = inputs.to(torch.float32)
+            _check_finite(torch.isfinite(x).all(1).numpy())
+            return x
+        values = np.array(inputs, dtype=np.float64)
+        _check_finite(np.asarray((np.abs(values) < _FLOAT32_OVERFLOW).all(1)))  # False for NaN
+        return torch.from_numpy(values.astype(np.float32))
 
     def n_samples(self, requested: int | None) -> int:
         n = self.settings.default_n_samples if requested is None else requested
@@ -129,7 +142,10 @@ class Runtime:
                 y, timing = await self._batcher(model).predict(x)
             else:
                 block = self.settings.eval_block_rows
-                y, timing = await self._timed_run(lambda: blocked_predict(model.engine, x, block))
+                padded = -(-len(x) // block) * block
+                y, timing = await self._timed_run(
+                    lambda: blocked_predict(model.engine, x, block), model.engine.eval_macs(padded)
+                )
                 self.metrics.observe_batch(model.config.name, 1, len(x), timing.compute_s)
         self._observe(model, "eval", timing)
         return model, y
@@ -160,9 +176,9 @@ class Runtime:
             return model.engine.predict_mc(x, n, seed, return_samples=return_samples)
 
         async with self._admission.admit(model.config.name):
-            result, timing = await self._timed_run(run)
-        self.metrics.mc_samples.labels(model.config.name).observe(n)
-        self.metrics.compute.labels(model.config.name, "mc").observe(timing.compute_s)
+            result, timing = await self._timed_run(run, model.engine.mc_macs(len(x), n))
+        self.metrics.child(self.metrics.mc_samples, model.config.name).observe(n)
+        self.metrics.child(self.metrics.compute, model.config.name, "mc").observe(timing.compute_s)
         self._observe(model, "mc", timing)
         return MCAnswer(model=model, n_samples=n, seed=seed, result=result)
 
@@ -216,10 +232,17 @@ class Runtime:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
-    async def _timed_run(self, fn: Callable[[], T]) -> tuple[T, Timing]:
-        """Run ``fn`` off the loop; also say how long it queued and computed."""
+    async def _execute(self, fn: Callable[[], T], macs: int) -> tuple[T, float, float]:
+        """Run ``fn``, a job of ``macs`` multiply-adds: on the event loop when it is small,
+        else on the inference threads. Returns its result and when it started and ended."""
+        if macs <= self.settings.inline_max_macs:
+            return timed(fn)()
+        return await self._run(timed(fn))
+
+    async def _timed_run(self, fn: Callable[[], T], macs: int) -> tuple[T, Timing]:
+        """Run ``fn`` (see ``_execute``); also say how long it queued and computed."""
         queued = time.perf_counter()
-        result, start, end = await self._run(timed(fn))
+        result, start, end = await self._execute(fn, macs)
         return result, Timing(start - queued, end - start)
 
     def _batcher(self, model: LoadedModel) -> EvalBatcher:
@@ -230,7 +253,7 @@ class Runtime:
             batcher = self._batchers[name] = EvalBatcher(
                 name,
                 model.engine,
-                self._run,
+                self._execute,
                 self.metrics,
                 max_rows=s.max_batch_size,
                 max_delay_s=s.max_delay_ms / 1000,
@@ -239,7 +262,7 @@ class Runtime:
         return batcher
 
     def _observe(self, model: LoadedModel, kind: str, timing: Timing) -> None:
-        self.metrics.queue_wait.labels(model.config.name, kind).observe(timing.queue_s)
+        self.metrics.child(self.metrics.queue_wait, model.config.name, kind).observe(timing.queue_s)
         annotate(
             queue_ms=round(timing.queue_s * 1000, 3),
             compute_ms=round(timing.compute_s * 1000, 3),

@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     inference_threads: int = Field(
         1, ge=1, le=64, description="Threads running tensor work off the event loop, per worker."
     )
+    inline_max_macs: int = Field(
+        2_000_000,
+        ge=0,
+        description="Forward jobs of at most this many multiply-adds (about 0.2 ms on one "
+        "core) run on the event loop instead of the inference threads: the hand-off costs "
+        "more than they do. 0 sends every job to the threads.",
+    )
     max_sample_values: int = Field(
         1_000_000, ge=1, description="Most values (T x rows x outputs) return_samples may send."
     )

@@ -7,6 +7,9 @@ import math
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel
+
+from service.schemas import MCResponse, PredictResponse
 
 MC_BODY = {"inputs": [[1.0, 2.0]], "n_samples": 200, "seed": 42}
 
@@ -106,6 +109,27 @@ def test_predict_mc_classifier_fields(client: httpx.Client) -> None:
     assert 0 <= r["mutual_information"][0] <= r["entropy"][0] <= math.log(3) + 1e-9
     assert sum(r["mean"][0]) == pytest.approx(1.0)
     assert r.get("predictive_variance") is None
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "model"),
+    [
+        ("/v1/models/tiny/predict", {"inputs": [[1.0, 2.0]]}, PredictResponse),
+        ("/v1/models/tiny/predict/mc", MC_BODY, MCResponse),
+        ("/v1/models/clf/predict/mc", {"inputs": [[0.1] * 5], "seed": 1}, MCResponse),
+        ("/v1/models/tiny/predict/mc", {**MC_BODY, "return_samples": True}, MCResponse),
+    ],
+)
+def test_hand_encoded_answers_are_exactly_their_documented_models(
+    client: httpx.Client, path: str, body: dict[str, object], model: type[BaseModel]
+) -> None:
+    # The predict routes encode their bodies with orjson, bypassing FastAPI's response
+    # model: every documented field must be present, none extra, all valid.
+    r = client.post(path, json=body)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    assert set(r.json()) == set(model.model_fields)
+    assert model.model_validate_json(r.content).model_dump(mode="json") == r.json()
 
 
 def test_openapi_documents_endpoints_with_examples(client: httpx.Client) -> None:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from service.batching import EvalBatcher, blocked_predict
+from service.batching import EvalBatcher, blocked_predict, timed
 from service.engine import MLPEngine
 from service.metrics import Metrics
 from service.repository import load_model
@@ -88,8 +88,9 @@ def test_batcher_coalesces_and_answers_each_request_as_alone() -> None:
         with ThreadPoolExecutor(1) as pool:
             loop = asyncio.get_running_loop()
 
-            async def run(fn: Any, *args: Any) -> Any:
-                return await loop.run_in_executor(pool, fn, *args)
+            async def run(fn: Any, macs: int) -> Any:
+                assert macs == engine.eval_macs(BLOCK)  # every batch here fits one block
+                return await loop.run_in_executor(pool, timed(fn))
 
             batcher = EvalBatcher(
                 "deep", engine, run, metrics, max_rows=64, max_delay_s=0.01, block_rows=BLOCK
@@ -146,3 +147,25 @@ def test_http_batched_answers_equal_solo_and_unbatched(model_dir: Path) -> None:
     unbatched = Settings(model_dir=model_dir, batching=False, torch_threads=1)
     with live_server(unbatched) as s:
         assert asyncio.run(concurrently(s.url, bodies)) == solo
+
+
+def test_answers_are_the_same_computed_on_the_event_loop_or_the_inference_threads(
+    model_dir: Path,
+) -> None:
+    # Small jobs run on the event loop with one intra-op thread, the rest on the inference
+    # threads with DROPOUT_TORCH_THREADS: neither the place nor the thread count may show.
+    bodies = eval_bodies()
+    mc = [{**b, "n_samples": 20, "seed": i} for i, b in enumerate(bodies[:12])]
+    answers = []
+    for inline_max_macs in (Settings(model_dir=model_dir).inline_max_macs, 0):
+        settings = Settings(model_dir=model_dir, torch_threads=2, inline_max_macs=inline_max_macs)
+        with live_server(settings) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+            engine = MLPEngine(deep_regression_config(), random_tensors(deep_regression_config()))
+            assert engine.eval_macs(BLOCK) <= settings.inline_max_macs or inline_max_macs == 0
+            answers.append(
+                (
+                    asyncio.run(concurrently(s.url, bodies)),
+                    [c.post("/v1/models/deep/predict/mc", json=b).json() for b in mc],
+                )
+            )
+    assert answers[0] == answers[1]

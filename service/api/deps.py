@@ -10,9 +10,13 @@ from service.runtime import Runtime
 from service.settings import Settings
 
 
-async def get_runtime(request: Request) -> Runtime:
+def runtime_of(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+async def get_runtime(request: Request) -> Runtime:
+    return runtime_of(request)
 
 
 async def get_settings(request: Request) -> Settings:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Path
+import orjson
+import torch
+from fastapi import APIRouter, Path, Request, Response
 
-from service.api.deps import RuntimeDep
+from service.api.deps import RuntimeDep, runtime_of
 from service.engine import MCResult
 from service.model import ModelConfig
 from service.outputs import mc_outputs
@@ -26,7 +28,8 @@ from service.schemas import (
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
-ModelName = Path(description="Model name, as listed by GET /v1/models.", max_length=256)
+MODEL_NAME_MAX = 256
+ModelName = Path(description="Model name, as listed by GET /v1/models.", max_length=MODEL_NAME_MAX)
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "Unknown model."},
     422: {"model": ValidationErrorBody, "description": "Malformed input, naming the field."},
@@ -73,35 +76,62 @@ async def get_model(runtime: RuntimeDep, name: str = ModelName) -> ModelMetadata
     return metadata(runtime.model(name).config)
 
 
+# The two predict routes are the hot path. A well-formed request is answered by
+# ``fastpath.FastPredict`` before it reaches FastAPI; these handlers serve the rest (and the
+# OpenAPI document). Both write their documented model's fields with orjson: a FastAPI
+# response model would validate the answer a second time and run its generic encoder, which
+# costs more than the forward pass of a small model. tests/test_api.py checks the bodies.
+
+
+def json_response(payload: dict[str, Any]) -> Response:
+    """A JSON body as FastAPI's encoder writes it (non-finite floats become null)."""
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
 @router.post("/models/{name}/predict", response_model=PredictResponse, responses=_PREDICT_ERRORS)
-async def predict(
-    body: PredictRequest, runtime: RuntimeDep, name: str = ModelName
-) -> PredictResponse:
+async def predict(body: PredictRequest, request: Request, name: str = ModelName) -> Response:
     """Eval-mode prediction: dropout off, the same input gives the same bits every time."""
-    model, outputs = await runtime.predict(name, body.inputs)
-    return PredictResponse(
-        model=model.config.name, version=model.config.version, outputs=outputs.tolist()
-    )
+    model, outputs = await runtime_of(request).predict(name, body.inputs)
+    return json_response(eval_fields(model.config, outputs))
 
 
 @router.post("/models/{name}/predict/mc", response_model=MCResponse, responses=_PREDICT_ERRORS)
-async def predict_mc(body: MCRequest, runtime: RuntimeDep, name: str = ModelName) -> MCResponse:
+async def predict_mc(body: MCRequest, request: Request, name: str = ModelName) -> Response:
     """Monte-Carlo dropout: T seeded stochastic passes summarised; replayable from `seed`."""
-    answer = await runtime.predict_mc(
+    answer = await runtime_of(request).predict_mc(
         name, body.inputs, body.n_samples, body.seed, body.return_samples
     )
-    return mc_response(answer.model.config, answer.n_samples, answer.seed, answer.result)
-
-
-def mc_response(config: ModelConfig, n_samples: int, seed: int, result: MCResult) -> MCResponse:
-    fields: dict[str, Any] = {k: t.tolist() for k, t in mc_outputs(config, result).items()}
-    return MCResponse(
-        model=config.name,
-        version=config.version,
-        n_samples=n_samples,
-        seed=seed,
-        **fields,
+    return json_response(
+        mc_fields(answer.model.config, answer.n_samples, answer.seed, answer.result)
     )
+
+
+def eval_fields(config: ModelConfig, outputs: torch.Tensor) -> dict[str, Any]:
+    """Every field of ``PredictResponse``."""
+    return {"model": config.name, "version": config.version, "outputs": outputs.tolist()}
+
+
+def mc_fields(config: ModelConfig, n_samples: int, seed: int, result: MCResult) -> dict[str, Any]:
+    """Every field of ``MCResponse``, absent outputs as null."""
+    outputs = {k: t.tolist() for k, t in mc_outputs(config, result).items()}
+    return {
+        "model": config.name,
+        "version": config.version,
+        "n_samples": n_samples,
+        "seed": seed,
+        **{field: outputs.get(field) for field in MC_OUTPUTS},
+    }
+
+
+MC_OUTPUTS = (
+    "mean",
+    "variance",
+    "std",
+    "predictive_variance",
+    "entropy",
+    "mutual_information",
+    "samples",
+)
 
 
 @router.post("/models/{name}/compare", response_model=CompareResponse, responses=_PREDICT_ERRORS)
