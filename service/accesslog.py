@@ -1,6 +1,6 @@
 """Structured access log: one JSON line per request, with a request id, never input data.
 
-``AccessLog`` is a pure ASGI middleware (nothing buffered). It takes the caller's
+``Observed`` is a pure ASGI middleware (nothing buffered). It takes the caller's
 ``X-Request-ID`` when it looks like an id (else makes one), echoes it in the response, and
 when the response ends writes ``{"request_id", "method", "path", "endpoint", "model",
 "status", "latency_ms", ...}``. Code serving the request adds fields (model, rows,
@@ -10,17 +10,20 @@ middleware put in a context variable, so the runtime needs no handle on the HTTP
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
 
 LOGGER = "dropout.access"
 HEADER = b"x-request-id"
@@ -57,11 +60,15 @@ def request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-class AccessLog:
-    """Tags each HTTP request with an id and logs one JSON line when it is answered."""
+class Observed:
+    """What every HTTP request leaves behind, in one pure-ASGI wrapper: its id (taken from
+    or added as ``X-Request-ID``), its Prometheus count and latency (``Metrics``), and its
+    access-log line. Outermost, so the latency covers the whole answer."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_model: Callable[[str], bool]) -> None:
         self.app = app
+        self.metrics = metrics
+        self.known_model = known_model  # keeps the model label's values bounded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,12 +87,16 @@ class AccessLog:
             await send(message)
 
         token = _record.set(record)
+        self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - start
             _record.reset(token)
+            self.metrics.in_flight.dec()
+            self.metrics.observe_request(scope, status, seconds, self.known_model)
             if log.isEnabledFor(logging.INFO):
-                self._write(scope, rid, status, time.perf_counter() - start, record)
+                self._write(scope, rid, status, seconds, record)
 
     @staticmethod
     def _write(scope: Scope, rid: str, status: int, seconds: float, record: dict[str, Any]) -> None:
@@ -100,4 +111,4 @@ class AccessLog:
             "latency_ms": round(seconds * 1000, 3),
             **record,
         }
-        log.info(json.dumps(line, separators=(",", ":")))
+        log.info(orjson.dumps(line).decode())

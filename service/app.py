@@ -16,12 +16,12 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import __version__
-from service.accesslog import AccessLog, configure_access_log
+from service.accesslog import Observed, configure_access_log
 from service.api import health, v1, v2
 from service.errors import install_error_handlers
 from service.fastpath import FastPredict
 from service.limits import BodySizeLimit, JSONGuard
-from service.metrics import Metrics, MetricsMiddleware
+from service.metrics import Metrics
 from service.repository import ModelRepository
 from service.runtime import Runtime
 from service.settings import Settings
@@ -98,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routes = {getattr(route, "path", ""): route for route in v1.router.routes}
     app.add_middleware(FastPredict, runtime=runtime, routes=routes)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, known_model=known_model)
     configure_access_log(settings.access_log)
-    app.add_middleware(AccessLog)  # outermost: its id and latency cover the whole answer
+    # Outermost: its request id, latency and status cover the whole answer.
+    app.add_middleware(Observed, metrics=metrics, known_model=known_model)
     return app

@@ -157,7 +157,7 @@ class EvalBatcher:
         return batch
 
     async def _forward(self, batch: list[_Pending]) -> None:
-        x = torch.cat([p.x for p in batch])  # (rows, in)
+        x = batch[0].x if len(batch) == 1 else torch.cat([p.x for p in batch])  # (rows, in)
         padded = -(-len(x) // self.block_rows) * self.block_rows
         try:
             y, start, end = await self._run(

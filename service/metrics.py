@@ -1,14 +1,13 @@
-"""Prometheus metrics: one registry per app, an ASGI middleware that counts every request."""
+"""Prometheus metrics: one registry per app (``accesslog.Observed`` feeds the HTTP ones)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics import MetricWrapperBase
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -107,42 +106,18 @@ class Metrics:
             child = self._children[key] = metric.labels(*values)
         return child  # type: ignore[return-value]
 
+    def observe_request(
+        self, scope: Scope, status: int, seconds: float, known_model: Callable[[str], bool]
+    ) -> None:
+        """Count and time one answered HTTP request by route template, model and status."""
+        endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
+        name = scope.get("path_params", {}).get("name")
+        model = name if name and known_model(name) else ""
+        labels = (scope["method"], endpoint, model, str(status))
+        self.child(self.requests, *labels).inc()
+        self.child(self.latency, *labels).observe(seconds)
+
     def observe_batch(self, model: str, requests: int, rows: int, compute_s: float) -> None:
         self.child(self.batch_requests, model).observe(requests)
         self.child(self.batch_rows, model).observe(rows)
         self.child(self.compute, model, "eval").observe(compute_s)
-
-
-class MetricsMiddleware:
-    """Counts and times requests by route template, model and status (pure ASGI: no buffering)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics, known_model: Callable[[str], bool]) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.known_model = known_model  # keeps the model label's values bounded
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-        start = time.perf_counter()
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.metrics.in_flight.dec()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            name = scope.get("path_params", {}).get("name")
-            model = name if name and self.known_model(name) else ""
-            labels = (scope["method"], endpoint, model, str(status))
-            self.metrics.child(self.metrics.requests, *labels).inc()
-            self.metrics.child(self.metrics.latency, *labels).observe(time.perf_counter() - start)
