@@ -10,6 +10,8 @@ middleware put in a context variable, so the runtime needs no handle on the HTTP
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import sys
@@ -43,14 +45,56 @@ def annotate(**fields: Any) -> None:
         record.update(fields)
 
 
+class BatchedStdout(logging.Handler):
+    """Writes each record's message as a line on stdout, gathered for ``FLUSH_S`` seconds.
+
+    A write and flush per request cost more than the forward pass of a small model under
+    load (docs/benchmarks.md); this handler holds the lines of one short window and writes
+    them at once, from the event loop, so a line trails its response by ``FLUSH_S`` at most.
+    Outside an event loop (and at interpreter exit, via ``logging.shutdown``) it writes
+    at once.
+    """
+
+    FLUSH_S = 0.05
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lines: list[str] = []
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush awaits on
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._lines.append(record.getMessage())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: nothing would flush later
+            self.flush()
+            return
+        if self._flush_on is not loop:  # none pending, or pending on a loop since stopped
+            self._flush_on = loop
+            loop.call_later(self.FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            self._flush_on = None
+            if self._lines:
+                lines, self._lines = self._lines, []
+                sys.stdout.write("\n".join(lines) + "\n")
+                sys.stdout.flush()
+
+
+def flush_access_log() -> None:
+    """Write out the access lines still gathered (at shutdown)."""
+    for handler in log.handlers:
+        handler.flush()
+
+
 def configure_access_log(enabled: bool) -> None:
-    """Send access lines, bare JSON, to stdout; or silence them."""
+    """Send access lines, bare JSON, to stdout (batched, see ``BatchedStdout``); or silence
+    them. Other handlers can be added to the ``dropout.access`` logger as to any other."""
     log.setLevel(logging.INFO if enabled else logging.CRITICAL + 1)
     log.propagate = False
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
+    if not any(isinstance(h, BatchedStdout) for h in log.handlers):
+        log.addHandler(BatchedStdout())
 
 
 def request_id(scope: Scope) -> str:

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import __version__
-from service.accesslog import Observed, configure_access_log
+from service.accesslog import Observed, configure_access_log, flush_access_log
 from service.api import health, v1, v2
 from service.errors import install_error_handlers
 from service.fastpath import FastPredict
@@ -68,6 +68,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         loading.cancel()
         app.state.runtime.close()
+        flush_access_log()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from service.engine import MLPEngine
@@ -33,13 +34,13 @@ Runner = Callable[[Callable[[], Any], int], Awaitable[tuple[Any, float, float]]]
 
 def blocked_predict(engine: MLPEngine, x: Tensor, block_rows: int) -> Tensor:
     """``engine.predict`` over zero-padded blocks of exactly ``block_rows`` rows: ``(B, out)``."""
-    rows, width = x.shape
+    rows = len(x)
     outputs = []
     for start in range(0, rows, block_rows):
         part = x[start : start + block_rows]
-        block = torch.zeros(block_rows, width, dtype=x.dtype)  # a fresh, aligned buffer
-        block[: len(part)] = part
-        outputs.append(engine.predict(block)[: len(part)])
+        n = len(part)
+        block = F.pad(part, (0, 0, 0, block_rows - n))  # always a fresh, aligned buffer
+        outputs.append(engine.predict(block)[:n])
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.accesslog import LOGGER
+from service.accesslog import LOGGER, BatchedStdout
 from service.settings import Settings
 from tests.helpers import LiveServer, live_server, scrape
 
@@ -121,3 +122,31 @@ def test_request_ids_are_generated_when_absent_or_unsafe(
     lines = {line["request_id"]: line for line in access_lines.wait_for(3)}
     assert [lines[i]["status"] for i in ids] == [200, 200, 404]
     assert lines[ids[2]]["model"] is None  # an unknown name is not a model
+
+
+def test_stdout_lines_are_gathered_on_the_loop_and_written_together(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    handler = BatchedStdout()
+    logger = logging.getLogger("test.batched")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+
+        async def burst() -> tuple[str, str]:
+            for i in range(3):
+                logger.warning('{"n": %d}', i)
+            written_at_once = capsys.readouterr().out
+            await asyncio.sleep(BatchedStdout.FLUSH_S * 4)
+            return written_at_once, capsys.readouterr().out
+
+        def ours(out: str) -> list[str]:  # a live server of this module may flush lines too
+            return [line for line in out.splitlines() if not line.startswith('{"ts"')]
+
+        at_once, later = asyncio.run(burst())
+        assert ours(at_once) == []
+        assert ours(later) == ['{"n": 0}', '{"n": 1}', '{"n": 2}']
+        logger.warning("outside any loop")  # nothing would flush it later: written now
+        assert ours(capsys.readouterr().out) == ["outside any loop"]
+    finally:
+        logger.removeHandler(handler)
