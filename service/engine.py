@@ -149,16 +149,19 @@ class _Moments:
         self.n = 0
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
+        self.var: Tensor | None = None
 
     def add(self, chunk: Tensor) -> None:
         """Fold in a ``(t, ...)`` chunk of samples."""
         c = chunk.double()
         n_b = c.shape[0]
+        if self.mean is None or self.m2 is None:  # the first chunk: one fused op
+            self.var, self.mean = torch.var_mean(c, 0, correction=0)
+            self.n, self.m2 = n_b, self.var * n_b
+            return
+        self.var = None
         mean_b = c.mean(0)
         m2_b = (c - mean_b).square_().sum(0)
-        if self.mean is None or self.m2 is None:
-            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
-            return
         n = self.n + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
@@ -166,6 +169,8 @@ class _Moments:
         self.n = n
 
     def variance(self) -> Tensor:
+        if self.var is not None:  # a single chunk
+            return self.var
         assert self.m2 is not None
         return self.m2 / self.n
 
@@ -290,14 +295,14 @@ class MLPEngine:
         chunk = self.chunk_size(rows, n_samples)
         moments = _Moments()
         classification = self.config.task == "classification"
-        entropy_sum = torch.zeros(rows, dtype=torch.float64, device=self.device)
+        entropy_sum: Tensor | float = 0.0
         kept: list[Tensor] = []
         for start in range(0, n_samples, chunk):
             t = min(chunk, n_samples - start)
             y = self._head(self._stochastic_pass(h0, t, source))  # (t, B, out)
             moments.add(y)
             if classification:
-                entropy_sum += entropy(y).sum(0, dtype=torch.float64)
+                entropy_sum = entropy_sum + entropy(y).sum(0, dtype=torch.float64)
             if return_samples:
                 kept.append(y.cpu())
         mean, variance = moments.mean, moments.variance()
