@@ -149,7 +149,7 @@ def serving_tables(loads: list[serving.Load]) -> list[str]:
         "| target | measured (throughput vs bare app, c = 1 / 8 / 64) | verdict |",
         "|---|---|---|",
     ]
-    for target, need in (("eval predict", 0.9), ("MC T=100", 0.5)):
+    for target, need in (("eval predict", 0.9), ("MC T=100", 0.5), ("MC T=100, packed masks", 0.5)):
         rel = [x.rps / bare[x.concurrency] for x in loads if x.target == target]
         verdict = "met" if all(r >= need for r in rel) else "**not met**"
         shown = " / ".join(f"{r:.2f}" for r in rel)
@@ -184,6 +184,22 @@ def plot(cells: list[engine.Cell], path: Path) -> None:
     fig.suptitle("MC dropout in process: engine vs naive, peer (torch-uncertainty) and floor")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def request_path_section(rounds: int) -> str:
+    """The eval request's time, piece by piece, in process (bench/request_path.py)."""
+    command = [sys.executable, "request_path.py", "--rounds", str(rounds)]
+    table = subprocess.run(
+        command, cwd=ROOT / "bench", capture_output=True, text=True, check=True
+    ).stdout
+    return (
+        "\n## Where an eval request's time goes\n\n"
+        f"`python bench/request_path.py --rounds {rounds}` (from `bench/`): each app called "
+        "in process through ASGI, no sockets and no load generator, with one one-row eval "
+        "request of the concrete model, round-robin, median per request; one torch thread.\n"
+        "A row's difference from another is the cost of what they differ by.\n\n"
+        f"{table}\n"
+    )
 
 
 def throughput_section(seconds: int) -> str:
@@ -240,7 +256,9 @@ def main() -> None:
         if memory["peak_mib"] - memory["before_mib"] < MEMORY_BOUND_MIB
         else "**not met**",
     )
-    args.out.write_text(text + throughput_section(2 if args.quick else 5) + NOTES)
+    sections = request_path_section(100 if args.quick else 300)
+    sections += throughput_section(2 if args.quick else 5)
+    args.out.write_text(text + sections + NOTES)
     print(f"wrote {args.out} and {png} in {minutes:.1f} min")
 
 
@@ -305,43 +323,64 @@ NOTES = """
   reads the mask, once at load, which saves a pass over every mask. Activations run in place
   on the fresh `F.linear` output.
 - The `engine` column draws masks in the **packed** mode (`DROPOUT_MC_MASK=packed`, opt-in):
-  one random byte per element instead of torch's 64-bit word, exact Bernoulli(1-p) at
-  torch's 53-bit resolution (see the README's "MC dropout masks"). The `engine (torch
-  masks)` column is the same engine with torch's `bernoulli_`, the service's default, which
-  keeps DESIGN.md contract 3's mask-for-mask equality with `F.dropout`; the HTTP and memory
-  rows below run the service with its default (torch masks).
+  one byte of numpy's SFC64 stream per element instead of a 64-bit mt19937 word from
+  torch's generator, exact Bernoulli(1-p) at torch's 53-bit resolution (see the README's
+  "MC dropout masks"); a mask of 2^20 elements costs about a seventh of `bernoulli_`'s. The
+  `engine (torch masks)` column is the same engine with torch's `bernoulli_`, the service's
+  default, which keeps DESIGN.md contract 3's mask-for-mask equality with `F.dropout`; the
+  HTTP rows say which mode each ran, and the memory row runs the default.
 - T is walked in chunks of at most 2^21 activation values (a pure function of the request
-  shape, so seeds replay); summaries accumulate in float64 per chunk (Chan et al.), a cost
-  proportional to the output width only.
-- Request path: FastAPI ran the synchronous `get_runtime` dependency on its threadpool, one
-  thread round trip per request before the handler started; the dependencies are now
-  `async`, so only the engine call itself leaves the event loop.
-- Inference threads: OpenMP keeps the intra-op thread count per OS thread, so the
-  inference pool ran tensor work with OpenMP's default team whatever
-  `DROPOUT_TORCH_THREADS` said; on this shared machine that made one MC T=100 request take
-  about 48 ms instead of 0.6 ms. The pool's threads now apply the process's count when
-  they start (`service/runtime.py`), and MC T=100 went from 17 to over 200 requests/s.
+  shape, so seeds replay); summaries accumulate in float64 per chunk (Chan et al.; a single
+  chunk in one `var_mean`), a cost proportional to the output width only.
+- Request path (the table "Where an eval request's time goes" prices each piece):
+  - **Jobs small enough run on the event loop.** A forward job of at most
+    `DROPOUT_INLINE_MAX_MACS` multiply-adds (a 64-row eval block of concrete is 0.7 M, an
+    MC request of T=100 on one row 1 M) runs on the loop with one intra-op thread: the hand-off
+    to the inference thread and back cost more than the job. Larger ones still go to the
+    inference threads, so the loop is never held for more than about 0.2 ms.
+  - **A short way through for v1 predict.** FastAPI's routing over every route, dependency
+    solving, exception middleware and response model cost about as much as the bare app's
+    whole request; `service/fastpath.py` answers well-formed predict and predict/mc requests
+    before them (same pydantic models, same runtime, same JSON) and passes everything else on,
+    so error answers keep one source.
+  - **orjson bodies**, written by the handlers themselves instead of a response model that
+    validated each answer a second time.
+  - **uvicorn with httptools and uvloop** (now dependencies): about twice the requests/s of
+    h11 on asyncio's loop for the bare app and the service alike; it raises the bare app's
+    floor as much as the service's throughput, so the ratios below got harder, not easier.
+  - **One observability middleware** (request id, Prometheus, access log) instead of two;
+    memoised metric children; access lines built with orjson, without `logging`'s stack walk,
+    and written to stdout in batches every 50 ms instead of one write and flush per request.
+  - Earlier: `async` dependencies (no threadpool hop before the handler) and the inference
+    threads' OpenMP team set to `DROPOUT_TORCH_THREADS` (one MC T=100 request had taken 48 ms
+    instead of 0.6 ms with OpenMP's default team).
 - Not tried: `torch.compile` (the work left is GEMMs and random numbers, which it does not
   fuse, and it would add compile time per shape).
 
 ## Where the remaining gaps come from
 
+- **Engine against the naive loop at T = 100**: the targets ask for 30x (B = 1) and 5x
+  (B = 32). The products alone (**floor GEMMs**) bound what any implementation can reach;
+  where the targets table says "the floor allows" less than the target, no exact
+  implementation of the same products can meet it on this machine (the wide model's
+  512 x 512 products at 3200 rows take longer than a fifth of the naive loop).
 - **Engine over the floor**: per dropout layer the engine also runs the activation and the
   mask multiply, two passes over T x B x width values that the floor does not make, plus
   about 20 torch calls per chunk; at T = 10 and B = 1 those calls (microseconds each) are
   most of the time, so the floor ratio is only a target from T = 1000 on.
-- **Packed over torch masks**: the packed draw needs an eighth of the random words, but its
-  compare and tie search are still passes over every element; the gain is largest where
-  masks dominate (narrow layers, many samples) and small where GEMMs do.
-- **HTTP eval over the bare app**: the service adds the JSON access log (one line per
-  request through `logging` to stdout), the metrics, body-size and JSON-depth middleware,
-  the model lookup and input checks, the tensor conversion, admission and the batcher, the
-  64-row padded eval block (issue 5's bit-exact batching), the engine call on the
-  inference thread (one thread round trip per request, in `service/runtime.py`), and the
-  response model. Not yet profiled one by one: the next step for the 0.9x target. MC
-  requests add the engine time itself, which at T = 1000 is most of it.
-- **Shared machine**: on a loaded machine intra-op threads wait on each other; the tables
-  say how many threads ran, and the load average is in the header.
+- **HTTP eval over the bare app**: the bare app's whole request costs about what one 64-row
+  padded forward pass of the concrete model costs here (about 12 torch calls of a few
+  microseconds each); the padding is what makes batched answers bit-identical to solo ones
+  (issue 5), and a one-row pass is not much cheaper, since those calls, not the arithmetic,
+  dominate. So at one client the service cannot reach 0.9x the bare app while it runs a
+  forward pass per request; under load the batcher shares one pass among many requests and
+  the gap narrows. The rest is priced in the request-path table: the access log, the
+  batcher's hand-over between tasks, admission and metrics.
+- **MC over the bare app**: MC requests add the engine time itself (three masks and two
+  products over T rows), which at T = 1000 is most of the request.
+- **Shared machine**: the load generator runs on the same 2 cores as the server; on a loaded
+  machine intra-op threads wait on each other. The tables say how many threads ran, and the
+  load average is in the header.
 
 ## How to read and rerun
 

@@ -30,16 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "concrete"
 ROW = [540.0, 0.0, 0.0, 162.0, 2.5, 1040.0, 676.0, 28.0]
 CONCURRENCY = (1, 8, 64)
-#: (name, path, body); "bare" is served by bench/bare_app.py, the rest by the service.
-TARGETS: list[tuple[str, str, dict[str, object]]] = [
-    ("bare FastAPI", "/predict", {"inputs": [ROW]}),
-    ("eval predict", f"/v1/models/{MODEL}/predict", {"inputs": [ROW]}),
-    ("MC T=100", f"/v1/models/{MODEL}/predict/mc", {"inputs": [ROW], "n_samples": 100, "seed": 7}),
-    (
-        "MC T=1000",
-        f"/v1/models/{MODEL}/predict/mc",
-        {"inputs": [ROW], "n_samples": 1000, "seed": 7},
-    ),
+MC_100 = {"inputs": [ROW], "n_samples": 100, "seed": 7}
+MC_1000 = {"inputs": [ROW], "n_samples": 1000, "seed": 7}
+PACKED = {"MC_MASK": "packed"}
+#: (name, path, body, extra DROPOUT_* settings); "bare" is served by bench/bare_app.py, the
+#: rest by the service with its defaults (torch masks) unless the settings say otherwise.
+TARGETS: list[tuple[str, str, dict[str, object], dict[str, str]]] = [
+    ("bare FastAPI", "/predict", {"inputs": [ROW]}, {}),
+    ("eval predict", f"/v1/models/{MODEL}/predict", {"inputs": [ROW]}, {}),
+    ("MC T=100", f"/v1/models/{MODEL}/predict/mc", MC_100, {}),
+    ("MC T=100, packed masks", f"/v1/models/{MODEL}/predict/mc", MC_100, PACKED),
+    ("MC T=1000", f"/v1/models/{MODEL}/predict/mc", MC_1000, {}),
+    ("MC T=1000, packed masks", f"/v1/models/{MODEL}/predict/mc", MC_1000, PACKED),
 ]
 MEMORY_ROWS, MEMORY_SAMPLES = 1024, 10_000
 
@@ -172,8 +174,8 @@ def load_tool() -> str:
 def run(seconds: float, threads: int) -> list[Load]:
     measure = with_wrk if load_tool() == "wrk" else with_httpx
     results = []
-    for name, path, body in TARGETS:
-        with server(name.startswith("bare"), threads) as (url, _):
+    for name, path, body, settings in TARGETS:
+        with server(name.startswith("bare"), threads, **settings) as (url, _):
             for _ in range(20):  # warm-up: first-call allocations, lazy imports
                 httpx.post(url + path, json=body, timeout=30).raise_for_status()
             for c in CONCURRENCY:

@@ -155,4 +155,7 @@ class Observed:
             "latency_ms": round(seconds * 1000, 3),
             **record,
         }
-        log.info(orjson.dumps(line).decode())
+        # makeRecord + handle is log.info without findCaller's walk up the stack: the caller
+        # is always this line.
+        message = orjson.dumps(line).decode()
+        log.handle(log.makeRecord(LOGGER, logging.INFO, __file__, 0, message, (), None))
