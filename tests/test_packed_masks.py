@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import MLPEngine, keep_mask, mask_source
+from service.engine import (
+    PACKED_MIN_ELEMENTS,
+    SFC64_MIN_WORDS,
+    MLPEngine,
+    PackedStreams,
+    keep_mask,
+    mask_source,
+)
 from service.settings import Settings
 from tests.helpers import deep_regression_config, live_server, random_tensors
 
@@ -19,8 +26,8 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def bits(seed: int) -> np.random.SFC64:
-    return np.random.SFC64(seed)
+def bits(seed: int) -> PackedStreams:
+    return mask_source(seed, "packed")  # type: ignore[return-value]
 
 
 def test_packed_masks_replay_per_seed_and_differ_between_seeds() -> None:
@@ -33,32 +40,31 @@ def test_packed_masks_replay_per_seed_and_differ_between_seeds() -> None:
     assert a.dtype == torch.float32
 
 
-@pytest.mark.parametrize("mode", ["packed", "torch"])
-def test_each_mode_draws_from_its_own_stream(mode: str) -> None:
-    source = mask_source(7, mode)  # type: ignore[arg-type]
-    expected = np.random.SFC64 if mode == "packed" else torch.Generator
-    assert isinstance(source, expected)
-    other = mask_source(7, "torch" if mode == "packed" else "packed")
-    small = (40, 5)  # small masks too: no size switches a mode to the other's kernel
-    mask = keep_mask(small, 0.3, source)
-    assert torch.equal(mask, keep_mask(small, 0.3, mask_source(7, mode)))  # type: ignore[arg-type]
-    assert not torch.equal(mask, keep_mask(small, 0.3, other))
+def test_packed_mode_takes_masks_below_the_packed_size_from_torchs_kernel() -> None:
+    big, small = (PACKED_MIN_ELEMENTS,), (PACKED_MIN_ELEMENTS - 1,)
+    assert not torch.equal(keep_mask(big, 0.3, bits(7)), keep_mask(big, 0.3, gen(7)))
+    assert torch.equal(keep_mask(small, 0.3, bits(7)), keep_mask(small, 0.3, gen(7)))
+    # A request's masks follow one another in its streams: the same shapes replay.
+    shapes = [small, (8 * SFC64_MIN_WORDS,), big, small]
+    first, again = bits(7), bits(7)
+    for shape in shapes:
+        assert torch.equal(keep_mask(shape, 0.3, first), keep_mask(shape, 0.3, again))
 
 
-def test_ties_are_settled_by_45_more_bits_against_the_threshold_below_the_top_byte() -> None:
+@pytest.mark.parametrize("n", [5000, 8 * SFC64_MIN_WORDS + 3])  # words from torch, from SFC64
+def test_ties_are_settled_by_45_more_bits_against_the_threshold_below_the_top_byte(n: int) -> None:
     # Replay the packed draw by hand from the same stream: the byte decides unless it equals
     # the threshold's top byte; then the low 45 bits of one more word decide, in order.
     p = 0.1
-    n = 5000
     mask = keep_mask((n,), p, bits(11)).numpy()
     stream = bits(11)
     threshold = math.ceil((1 - p) * 2**53)
     high, low = threshold >> 45, threshold & ((1 << 45) - 1)
-    draws = stream.random_raw((n + 7) // 8).view(np.uint8)[:n]
+    draws = stream.words((n + 7) // 8).view(np.uint8)[:n]
     expected = (draws < high).astype(np.float32)
     ties = np.flatnonzero(draws == high)
     assert ties.size > 0  # about n / 256 of them
-    for i, word in zip(ties, stream.random_raw(ties.size), strict=True):
+    for i, word in zip(ties, stream.words(ties.size), strict=True):
         expected[i] = float(int(word) & ((1 << 45) - 1) < low)
     assert np.array_equal(mask, expected)
 
