@@ -48,4 +48,6 @@ def test_readme_tritonclient_example(capsys: pytest.CaptureFixture[str]) -> None
         ).json()
     assert ns["result"].as_numpy("output").tobytes() == np.float32(v1["outputs"]).tobytes()
     assert ns["mc"].as_numpy("mean").tobytes() == np.float64(mc["mean"]).tobytes()
-    assert capsys.readouterr().out.splitlines() == printed_comments(code)
+    # Access lines of the suite's other servers are written in batches and may land here.
+    printed = [x for x in capsys.readouterr().out.splitlines() if not x.startswith('{"ts"')]
+    assert printed == printed_comments(code)
