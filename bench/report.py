@@ -323,9 +323,11 @@ NOTES = """
   reads the mask, once at load, which saves a pass over every mask. Activations run in place
   on the fresh `F.linear` output.
 - The `engine` column draws masks in the **packed** mode (`DROPOUT_MC_MASK=packed`, opt-in):
-  one byte of numpy's SFC64 stream per element instead of a 64-bit mt19937 word from
-  torch's generator, exact Bernoulli(1-p) at torch's 53-bit resolution (see the README's
-  "MC dropout masks"); a mask of 2^20 elements costs about a seventh of `bernoulli_`'s. The
+  one random byte per element instead of a 64-bit mt19937 word (words from torch's
+  generator, or from numpy's SFC64 stream for masks past 2^16 elements; masks under 2^14
+  elements from torch's kernel), exact Bernoulli(1-p) at torch's 53-bit resolution (see the
+  README's "MC dropout masks"); a mask of 2^20 elements costs about a tenth of
+  `bernoulli_`'s. The
   `engine (torch masks)` column is the same engine with torch's `bernoulli_`, the service's
   default, which keeps DESIGN.md contract 3's mask-for-mask equality with `F.dropout`; the
   HTTP rows say which mode each ran, and the memory row runs the default.

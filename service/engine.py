@@ -51,11 +51,11 @@ _ACTIVATIONS = {
 #: element in 256 whose byte ties: the same probability, from an eighth of the random bits.
 _TIE_BITS = 45
 
-#: Below this many elements a packed draw's fixed cost (a dozen numpy calls) exceeds what
-#: torch's kernel spends on the whole mask (measured on 2 cores: about 30 us against 23 us
-#: at 1000 elements, 40 against 80 at 10 000), so packed mode takes smaller masks from
-#: torch's kernel. Which kernel draws a mask depends on its shape alone.
-PACKED_MIN_ELEMENTS = 4096
+#: Below this many elements a packed draw's fixed cost (a dozen torch and numpy calls)
+#: exceeds what torch's kernel spends on the whole mask (make bench, 2 cores: at 5120
+#: elements the packed engine lost to torch's kernel), so packed mode takes smaller masks
+#: from torch's kernel. Which kernel draws a mask depends on its shape alone.
+PACKED_MIN_ELEMENTS = 1 << 14
 #: A packed mask's random words come from torch's generator (seeded in 3 us) up to this many
 #: words, and from numpy's SFC64 stream (seeded in about 20 us, then about four times as
 #: fast as torch's mt19937) beyond.

@@ -51,7 +51,8 @@ def test_packed_mode_takes_masks_below_the_packed_size_from_torchs_kernel() -> N
         assert torch.equal(keep_mask(shape, 0.3, first), keep_mask(shape, 0.3, again))
 
 
-@pytest.mark.parametrize("n", [5000, 8 * SFC64_MIN_WORDS + 3])  # words from torch, from SFC64
+# Words from torch's generator, then from SFC64.
+@pytest.mark.parametrize("n", [PACKED_MIN_ELEMENTS + 5, 8 * SFC64_MIN_WORDS + 3])
 def test_ties_are_settled_by_45_more_bits_against_the_threshold_below_the_top_byte(n: int) -> None:
     # Replay the packed draw by hand from the same stream: the byte decides unless it equals
     # the threshold's top byte; then the low 45 bits of one more word decide, in order.
