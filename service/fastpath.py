@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.v1 import MODEL_NAME_MAX, eval_fields, mc_fields
@@ -57,7 +59,11 @@ class FastPredict:
         ):
             await self.app(scope, receive, send)
             return
-        body = await read_body(receive)
+        try:
+            body = await read_body(receive)
+        except HTTPException as exc:  # BodySizeLimit: more bytes came than Content-Length said
+            await JSONResponse({"detail": exc.detail}, exc.status_code)(scope, receive, send)
+            return
         if body is None:  # the client went away mid-body: nobody to answer
             return
         name, mc = match[1], match[2] is not None

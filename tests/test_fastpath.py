@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.exceptions import HTTPException
 
 from service.api import v1
 from service.fastpath import FastPredict
@@ -138,3 +139,26 @@ def test_both_ways_through_answer_the_same(
     assert fast.status_code == slow.status_code
     assert fast.headers["content-type"] == slow.headers["content-type"]
     assert fast.json() == slow.json()
+
+
+def test_a_body_cut_off_by_the_size_limit_gets_413(fast: tuple[FastPredict, Inner]) -> None:
+    app, inner = fast
+    headers = [(b"content-length", b"20"), (b"content-type", JSON.encode())]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/models/tiny/predict",
+        "headers": headers,
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:  # what BodySizeLimit's receive does past the limit
+        raise HTTPException(413, "request body over the limit of 10 bytes")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"]) == {"detail": "request body over the limit of 10 bytes"}
+    assert inner.bodies == []
