@@ -97,7 +97,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added first, so innermost: it buffers only what BodySizeLimit let through.
     app.add_middleware(JSONGuard, max_depth=settings.max_json_depth)
     routes = {getattr(route, "path", ""): route for route in v1.router.routes}
-    app.add_middleware(FastPredict, runtime=runtime, routes=routes)
+    app.add_middleware(
+        FastPredict, runtime=runtime, routes=routes, max_json_depth=settings.max_json_depth
+    )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     configure_access_log(settings.access_log)
     # Outermost: its request id, latency and status cover the whole answer.

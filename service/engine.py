@@ -267,11 +267,13 @@ class MLPEngine:
         return rows * sum(a * b for a, b in itertools.pairwise(w))
 
     def mc_macs(self, rows: int, n_samples: int) -> int:
-        """Multiply-adds of ``predict_mc``: the prefix once, the rest ``n_samples`` times."""
+        """Multiply-adds of ``predict_mc`` (a mask element counted as one): the prefix once,
+        the rest ``n_samples`` times."""
         w = self.config.widths
         products = [a * b for a, b in itertools.pairwise(w)]
         k = self._first_dropout
-        return rows * (sum(products[:k]) + n_samples * sum(products[k:]))
+        masks = sum(w[i] for i in range(k, len(products)) if self._p[i] > 0)  # one each
+        return rows * (sum(products[:k]) + n_samples * (sum(products[k:]) + masks))
 
     # -- shared pieces -------------------------------------------------------------------
 

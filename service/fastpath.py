@@ -10,8 +10,9 @@ models, calls the same runtime and writes the same JSON fields as the FastAPI ha
 Anything it does not recognise as well formed goes on to FastAPI unchanged (the buffered body
 replayed), so the answers to bad input keep one source: another method or path, a path
 parameter FastAPI would refuse, no Content-Length (a chunked body), a Content-Type that is not
-JSON, a body that does not validate. Errors the runtime raises (unknown model, wrong width,
-overload, deadline) get ``error_response``, the answer FastAPI's handlers give them.
+JSON, a body that does not validate or that ``JSONGuard`` would refuse. Errors the runtime
+raises (unknown model, wrong width, overload, deadline) get ``error_response``, the answer
+FastAPI's handlers give them.
 It sits inside ``BodySizeLimit`` (a Content-Length over the limit never reaches it) and
 outside ``JSONGuard`` (pydantic's JSON parser does not recurse; what it refuses goes on).
 """
@@ -22,14 +23,13 @@ import re
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.v1 import MODEL_NAME_MAX, eval_fields, mc_fields
 from service.errors import ServiceError, error_response, is_json_media_type
-from service.limits import read_body, replay
+from service.limits import json_problem, read_body, replay
 from service.runtime import Runtime
 from service.schemas import MCRequest, PredictRequest
 
@@ -40,9 +40,12 @@ _JSON = (b"content-type", b"application/json")
 class FastPredict:
     """Serves well-formed v1 predict and predict/mc requests without FastAPI's machinery."""
 
-    def __init__(self, app: ASGIApp, runtime: Runtime, routes: dict[str, Any]) -> None:
+    def __init__(
+        self, app: ASGIApp, runtime: Runtime, routes: dict[str, Any], max_json_depth: int
+    ) -> None:
         self.app = app
         self.runtime = runtime
+        self.max_json_depth = max_json_depth  # deeper bodies go on, for JSONGuard's 422
         # The FastAPI routes these requests would have matched, keyed by path template: the
         # metrics and the access log read the template from ``scope["route"]``.
         self.eval_route = routes["/v1/models/{name}/predict"]
@@ -53,7 +56,7 @@ class FastPredict:
         if match is None or scope["method"] != "POST" or len(match[1]) > MODEL_NAME_MAX:
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
+        headers = dict(reversed(scope["headers"]))  # the first of repeated headers, as Starlette
         if b"content-length" not in headers or not is_json_media_type(
             headers.get(b"content-type", b"").decode("latin-1")
         ):
@@ -68,9 +71,11 @@ class FastPredict:
             return
         name, mc = match[1], match[2] is not None
         try:
+            if json_problem(body, self.max_json_depth) is not None:
+                raise ValueError("not for the short way")
             request = (MCRequest if mc else PredictRequest).model_validate_json(body)
-        except ValidationError:
-            await self.app(scope, replay(body, receive), send)  # FastAPI words the 422
+        except ValueError:  # pydantic's ValidationError too: JSONGuard or FastAPI word the 4xx
+            await self.app(scope, replay(body, receive), send)
             return
         scope["route"] = self.mc_route if mc else self.eval_route
         scope["path_params"] = {"name": name}

@@ -90,6 +90,15 @@ class Runtime:
             initializer=torch.set_num_threads,
             initargs=(settings.intra_op_threads(),),
         )
+        # Eval passes always run with one intra-op thread, on the event loop or on this pool:
+        # a 64-row block is too small for a team of threads to pay off, and a fixed thread
+        # count keeps a row's bits independent of where its batch ran.
+        self._eval_executor = ThreadPoolExecutor(
+            settings.inference_threads,
+            thread_name_prefix="eval",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
         self._admission = Admission(
             settings.max_queue_size, settings.request_timeout_s, self.metrics
         )
@@ -123,7 +132,7 @@ class Runtime:
             return x
         values = np.array(inputs, dtype=np.float64)
         _check_finite(np.asarray((np.abs(values) < _FLOAT32_OVERFLOW).all(1)))  # False for NaN
-        return torch.from_numpy(values.astype(np.float32))
+        return torch.from_numpy(values).to(torch.float32)  # torch's own (aligned) memory
 
     def n_samples(self, requested: int | None) -> int:
         n = self.settings.default_n_samples if requested is None else requested
@@ -144,7 +153,9 @@ class Runtime:
                 block = self.settings.eval_block_rows
                 padded = -(-len(x) // block) * block
                 y, timing = await self._timed_run(
-                    lambda: blocked_predict(model.engine, x, block), model.engine.eval_macs(padded)
+                    lambda: blocked_predict(model.engine, x, block),
+                    model.engine.eval_macs(padded),
+                    eval_pass=True,
                 )
                 self.metrics.observe_batch(model.config.name, 1, len(x), timing.compute_s)
         self._observe(model, "eval", timing)
@@ -199,50 +210,65 @@ class Runtime:
         engine = model.engine
         annotate(model=model.config.name, rows=len(x), n_samples=n)
 
-        def run() -> CompareAnswer:
-            start = time.perf_counter()
-            # The same fixed-block pass as predict, so the two answer the same bits.
-            eval_out = blocked_predict(engine, x, self.settings.eval_block_rows)
-            eval_s = time.perf_counter() - start
-            passes, pass_s = [], []
-            for s in seeds:
-                start = time.perf_counter()
-                passes.append(engine.train_pass(x, s))
-                pass_s.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            mc = engine.predict_mc(x, n, seed)
-            mc_s = time.perf_counter() - start
-            return CompareAnswer(
-                model=model,
-                n_samples=n,
-                seed=seed,
-                eval=eval_out,
-                train_pass_seeds=seeds,
-                train_passes=torch.stack(passes),
-                mc=mc,
-                eval_seconds=eval_s,
-                train_pass_seconds=pass_s,
-                mc_seconds=mc_s,
-            )
+        block = self.settings.eval_block_rows
+        padded = -(-len(x) // block) * block
+        pass_macs = engine.mc_macs(len(x), 1)
+
+        def train_pass(s: int) -> Callable[[], torch.Tensor]:
+            return lambda: engine.train_pass(x, s)
 
         async with self._admission.admit(model.config.name):
-            return await self._run(run)
+            # Each piece runs where predict and predict/mc would run it, so all three answer
+            # the same bits for the same rows and seed.
+            eval_out, e0, e1 = await self._execute(
+                lambda: blocked_predict(engine, x, block), engine.eval_macs(padded), eval_pass=True
+            )
+            passes, pass_s = [], []
+            for s in seeds:
+                y, p0, p1 = await self._execute(train_pass(s), pass_macs)
+                passes.append(y)
+                pass_s.append(p1 - p0)
+            mc, m0, m1 = await self._execute(
+                lambda: engine.predict_mc(x, n, seed), engine.mc_macs(len(x), n)
+            )
+        return CompareAnswer(
+            model=model,
+            n_samples=n,
+            seed=seed,
+            eval=eval_out,
+            train_pass_seeds=seeds,
+            train_passes=torch.stack(passes),
+            mc=mc,
+            eval_seconds=e1 - e0,
+            train_pass_seconds=pass_s,
+            mc_seconds=m1 - m0,
+        )
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
-    async def _execute(self, fn: Callable[[], T], macs: int) -> tuple[T, float, float]:
-        """Run ``fn``, a job of ``macs`` multiply-adds: on the event loop when it is small,
-        else on the inference threads. Returns its result and when it started and ended."""
+    async def _execute(
+        self, fn: Callable[[], T], macs: int, *, eval_pass: bool = False
+    ) -> tuple[T, float, float]:
+        """Run ``fn``, a job of ``macs`` multiply-adds: on the event loop (one intra-op
+        thread) when it is small, else on a pool: eval passes on the one-thread eval pool,
+        MC work on the inference threads. Where an MC job runs depends on its request alone.
+        Returns the result and when it started and ended."""
         if macs <= self.settings.inline_max_macs:
             return timed(fn)()
-        return await self._run(timed(fn))
+        pool = self._eval_executor if eval_pass else self._executor
+        return await asyncio.get_running_loop().run_in_executor(pool, timed(fn))
 
-    async def _timed_run(self, fn: Callable[[], T], macs: int) -> tuple[T, Timing]:
+    async def _execute_eval(self, fn: Callable[[], T], macs: int) -> tuple[T, float, float]:
+        return await self._execute(fn, macs, eval_pass=True)
+
+    async def _timed_run(
+        self, fn: Callable[[], T], macs: int, *, eval_pass: bool = False
+    ) -> tuple[T, Timing]:
         """Run ``fn`` (see ``_execute``); also say how long it queued and computed."""
         queued = time.perf_counter()
-        result, start, end = await self._execute(fn, macs)
+        result, start, end = await self._execute(fn, macs, eval_pass=eval_pass)
         return result, Timing(start - queued, end - start)
 
     def _batcher(self, model: LoadedModel) -> EvalBatcher:
@@ -253,7 +279,7 @@ class Runtime:
             batcher = self._batchers[name] = EvalBatcher(
                 name,
                 model.engine,
-                self._execute,
+                self._execute_eval,
                 self.metrics,
                 max_rows=s.max_batch_size,
                 max_delay_s=s.max_delay_ms / 1000,
@@ -273,3 +299,4 @@ class Runtime:
         for batcher in self._batchers.values():
             batcher.close()
         self._executor.shutdown(wait=True, cancel_futures=False)
+        self._eval_executor.shutdown(wait=True, cancel_futures=False)

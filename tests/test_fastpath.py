@@ -60,7 +60,7 @@ def fast(model_dir: Path) -> Iterator[tuple[FastPredict, Inner]]:
     runtime.repository = ModelRepository.load(model_dir)
     inner = Inner()
     routes = {route.path: route for route in v1.router.routes}  # type: ignore[attr-defined]
-    yield FastPredict(inner, runtime, routes), inner
+    yield FastPredict(inner, runtime, routes, max_json_depth=3), inner
     runtime.close()
 
 
@@ -92,6 +92,7 @@ def test_well_formed_predict_and_mc_are_answered_without_fastapi(
         ("/v1/models/tiny/compare", b'{"inputs": [[1, 2]]}', {}),
         ("/v1/models/" + "n" * 257 + "/predict", b'{"inputs": [[1, 2]]}', {}),
         ("/v1/models/tiny/predict/mc", b'{"inputs": [[1, 2]], "seed": -1}', {}),
+        ("/v1/models/tiny/predict", b'{"inputs": [[1, 2]], "x": [[[1]]]}', {}),  # too deep
     ],
 )
 def test_anything_else_goes_on_to_fastapi_with_its_body(
