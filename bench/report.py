@@ -338,8 +338,10 @@ NOTES = """
   - **Jobs small enough run on the event loop.** A forward job of at most
     `DROPOUT_INLINE_MAX_MACS` multiply-adds (a 64-row eval block of concrete is 0.7 M, an
     MC request of T=100 on one row 1 M) runs on the loop with one intra-op thread: the hand-off
-    to the inference thread and back cost more than the job. Larger ones still go to the
-    inference threads, so the loop is never held for more than about 0.2 ms.
+    to the inference thread and back cost more than the job. Larger ones still go to a
+    pool (eval passes to a one-thread eval pool, so a row's bits never depend on where its
+    batch ran; MC to the inference threads), so the loop is never held for more than about
+    0.2 ms.
   - **A short way through for v1 predict.** FastAPI's routing over every route, dependency
     solving, exception middleware and response model cost about as much as the bare app's
     whole request; `service/fastpath.py` answers well-formed predict and predict/mc requests
