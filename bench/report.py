@@ -391,7 +391,7 @@ NOTES = """
   machine intra-op threads wait on each other. The tables say how many threads ran, and the
   load average is in the header. Three full runs within one hour (2026-11-27, 04:02 to 04:58
   UTC, same code but for the last two commits' review fixes) gave eval 0.45 to 0.57x the bare
-  app at one client and 0.72 to 0.78x at 64, MC T=100 0.34 to 0.45x at one client: read the
+  app at one client and 0.71 to 0.78x at 64, MC T=100 0.34 to 0.45x at one client: read the
   HTTP ratios to about +-0.1, and the occasional p99 near one second at 64 MC clients (seen
   in some runs, with either mask mode) as a tail not yet explained.
 
