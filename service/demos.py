@@ -26,13 +26,12 @@ from service.evaluation import (
     negative_log_likelihood,
 )
 from service.model import ModelConfig, Standardization
-from service.repository import save_model
 from service.training import (
     TrainOptions,
     TrainReport,
     fit,
     fit_regression,
-    provenance,
+    publish,
     regression_config,
     score_regression,
 )
@@ -124,17 +123,18 @@ def train_digits(out: Path, opts: TrainOptions, *, version: str = "1") -> TrainR
     )
     tensors = fit(config, data.x_train / DIGIT_PIXEL_MAX, data.y_train, opts, "digits")
     metrics = score_classification(MLPEngine(config, tensors), data, opts)
-    seconds = time.perf_counter() - start
-    training = provenance(
+    return publish(
+        out,
+        config,
+        tensors,
+        metrics,
         opts,
-        seconds,
+        start,
+        digits_card,
         dataset="sklearn.datasets.load_digits",
         n_train=len(data.x_train),
         n_test=len(data.x_test),
     )
-    config = config.model_copy(update={"metrics": metrics, "training": training})
-    config = save_model(out, config, tensors, digits_card(config, opts))
-    return TrainReport(config=config, metrics=metrics, seconds=seconds)
 
 
 def score_classification(
@@ -298,19 +298,20 @@ def train_sine_gap(out: Path, opts: TrainOptions, *, version: str = "1") -> Trai
     metrics["std_ratio_outside"] = round(stds["outside"] / stds["on_data"], 2)
     off = (stds["gap"] + stds["outside"] * 2) / 3  # the off-data grid: 1 gap + 2 outside parts
     metrics["std_ratio_off_data"] = round(off / stds["on_data"], 2)
-    seconds = time.perf_counter() - start
-    training = provenance(
+    return publish(
+        out,
+        config,
+        tensors,
+        metrics,
         opts,
-        seconds,
+        start,
+        sine_gap_card,
         dataset="sine-gap",
         n_train=len(x) - n_test,
         n_test=n_test,
         intervals=SINE_INTERVALS,
         noise_std=SINE_NOISE_STD,
     )
-    config = config.model_copy(update={"metrics": metrics, "training": training})
-    config = save_model(out, config, tensors, sine_gap_card(config, opts))
-    return TrainReport(config=config, metrics=metrics, seconds=seconds)
 
 
 def sine_gap_card(config: ModelConfig, opts: TrainOptions) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -160,18 +161,19 @@ def train_uci_regression(
     config = regression_config(name, version, data.x_train.shape[1], opts)
     config, tensors = fit_regression(config, data.x_train, data.y_train, opts)
     metrics = score_regression(config, tensors, data.x_test, data.y_test, opts)
-    seconds = time.perf_counter() - start
-    training = provenance(
+    return publish(
+        out,
+        config,
+        tensors,
+        metrics,
         opts,
-        seconds,
+        start,
+        regression_card,
         dataset=dataset.name,
         split=split,
         n_train=len(data.x_train),
         n_test=len(data.x_test),
     )
-    config = config.model_copy(update={"metrics": metrics, "training": training})
-    config = save_model(out, config, tensors, regression_card(config, opts))
-    return TrainReport(config=config, metrics=metrics, seconds=seconds)
 
 
 def fit_regression(
@@ -181,6 +183,26 @@ def fit_regression(
     noise = estimate_noise_variance(config, x, y, opts)
     config, tensors = fit_standardised(config, x, y, opts, "final model")
     return config.model_copy(update={"noise_variance": [noise]}), tensors
+
+
+def publish(
+    out: Path,
+    config: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    metrics: dict[str, float],
+    opts: TrainOptions,
+    started: float,
+    card: Callable[[ModelConfig, TrainOptions], str],
+    **data: object,
+) -> TrainReport:
+    """The end of every trainer: stamp the test metrics and the provenance (``data``, the
+    options, the time since ``started``) on the config, write the model folder with its
+    card, and report."""
+    seconds = time.perf_counter() - started
+    training = provenance(opts, seconds, **data)
+    config = config.model_copy(update={"metrics": metrics, "training": training})
+    config = save_model(out, config, tensors, card(config, opts))
+    return TrainReport(config=config, metrics=metrics, seconds=seconds)
 
 
 def provenance(opts: TrainOptions, seconds: float, **data: object) -> dict[str, object]:
