@@ -244,9 +244,10 @@ class Runtime:
             mc_seconds=m1 - m0,
         )
 
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+    async def _run(self, fn: Callable[[], T], *, eval_pass: bool = False) -> T:
+        """Run ``fn`` on a pool: the one-thread eval pool, or the inference threads."""
+        pool = self._eval_executor if eval_pass else self._executor
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
 
     async def _execute(
         self, fn: Callable[[], T], macs: int, *, eval_pass: bool = False
@@ -257,8 +258,7 @@ class Runtime:
         Returns the result and when it started and ended."""
         if macs <= self.settings.inline_max_macs:
             return timed(fn)()
-        pool = self._eval_executor if eval_pass else self._executor
-        return await asyncio.get_running_loop().run_in_executor(pool, timed(fn))
+        return await self._run(timed(fn), eval_pass=eval_pass)
 
     async def _execute_eval(self, fn: Callable[[], T], macs: int) -> tuple[T, float, float]:
         return await self._execute(fn, macs, eval_pass=True)

@@ -38,6 +38,12 @@ def test_inference_threads_use_the_configured_torch_threads(tmp_path: Path) -> N
             )
 
         assert asyncio.run(both_pool_threads()) == [wanted] * 4
+
+        async def eval_pool_threads() -> list[int]:
+            jobs = (runtime._run(omp.omp_get_max_threads, eval_pass=True) for _ in range(4))
+            return list(await asyncio.gather(*jobs))
+
+        assert asyncio.run(eval_pool_threads()) == [1] * 4  # eval passes: one thread, always
     finally:
         runtime.close()
         torch.set_num_threads(before)
