@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from service.engine import MLPEngine
+from service.jobs import Ran, Work
 from service.metrics import Metrics
 
-#: Runs a job of so many multiply-adds, returning its result, start and end
-#: (``Runtime._execute``: on the event loop when small, else on the inference threads).
-Runner = Callable[[Callable[[], Any], int], Awaitable[tuple[Any, float, float]]]
+#: Runs an eval job of so many multiply-adds (``JobRunner.run`` with kind "eval").
+Runner = Callable[[Work[Tensor], int], Awaitable[Ran[Tensor]]]
 
 
 def blocked_predict(engine: MLPEngine, x: Tensor, block_rows: int) -> Tensor:
@@ -44,30 +44,10 @@ def blocked_predict(engine: MLPEngine, x: Tensor, block_rows: int) -> Tensor:
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
-@dataclass(frozen=True)
-class Timing:
-    """Where a request's time went once admitted: waiting, then the forward pass it shared."""
-
-    queue_s: float
-    compute_s: float
-    batch_requests: int = 1
-
-
-def timed(fn: Callable[[], Any]) -> Callable[[], tuple[Any, float, float]]:
-    """Wrap ``fn`` to also return when it started and ended (``perf_counter``), in its thread."""
-
-    def run() -> tuple[Any, float, float]:
-        start = time.perf_counter()
-        result = fn()
-        return result, start, time.perf_counter()
-
-    return run
-
-
 @dataclass
 class _Pending:
     x: Tensor  # (rows, in)
-    future: asyncio.Future[tuple[Tensor, Timing]]
+    future: asyncio.Future[Ran[Tensor]]
     enqueued: float
 
 
@@ -102,9 +82,10 @@ class EvalBatcher:
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
 
-    async def predict(self, x: Tensor) -> tuple[Tensor, Timing]:
-        """Eval outputs for ``x (rows, in)``, bit-identical to ``blocked_predict`` alone."""
-        future: asyncio.Future[tuple[Tensor, Timing]] = asyncio.get_running_loop().create_future()
+    async def predict(self, x: Tensor) -> Ran[Tensor]:
+        """Eval outputs for ``x (rows, in)``, bit-identical to ``blocked_predict`` alone; timed
+        from this request's arrival, ``shared`` by the requests of its batch."""
+        future: asyncio.Future[Ran[Tensor]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(x, future, time.perf_counter()))
         self._wakeup.set()
         if self._worker is None or self._worker.done():
@@ -161,8 +142,8 @@ class EvalBatcher:
         x = batch[0].x if len(batch) == 1 else torch.cat([p.x for p in batch])  # (rows, in)
         padded = -(-len(x) // self.block_rows) * self.block_rows
         try:
-            y, start, end = await self._run(
-                lambda: blocked_predict(self.engine, x, self.block_rows),
+            ran = await self._run(
+                lambda _: blocked_predict(self.engine, x, self.block_rows),
                 self.engine.eval_macs(padded),
             )
         except Exception as exc:  # the engine's error belongs to every request of the batch
@@ -170,11 +151,13 @@ class EvalBatcher:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
-        self._metrics.observe_batch(self.name, len(batch), len(x), end - start)
+        self._metrics.observe_batch(self.name, len(batch), len(x), ran.compute_s)
         offset = 0
         for p in batch:
             rows = len(p.x)
             if not p.future.done():
-                timing = Timing(start - p.enqueued, end - start, len(batch))
-                p.future.set_result((y[offset : offset + rows], timing))
+                part = ran.result[offset : offset + rows]
+                p.future.set_result(
+                    dataclasses.replace(ran, result=part, queued=p.enqueued, shared=len(batch))
+                )
             offset += rows

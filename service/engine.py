@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +38,38 @@ DEFAULT_MASK_MODE: MaskMode = "torch"
 #: Most activation elements (samples x rows x width) one MC chunk holds. Part of what a seed
 #: means: changing it changes the order in which masks are drawn, so it is not a setting.
 MC_CHUNK_ELEMENTS = 1 << 21
+#: Most activation elements of one tile: the unit of MC work one thread computes. Like the
+#: chunk, it fixes the shape of every matrix product, so it is part of what a seed means.
+MC_TILE_ELEMENTS = 1 << 16
+
+#: Computes ``fn`` over tiles and yields the results in order: ``map``, or a thread pool's.
+TileMap = Callable[[Callable[[int], Tensor], Iterable[int]], Iterator[Tensor]]
+
+
+class Stopped(Exception):
+    """An MC computation stopped between tiles because its ``stop`` callback asked."""
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the body with one intra-op thread in this OS thread.
+
+    A CPU matrix product split over several threads may sum in another order (measured with
+    torch 2.13: a 100x256 by 256x1 product differs in the last bit between 1 and 2 threads),
+    so every forward pass computes on one thread, and a seed's bits never depend on the
+    thread settings. Where the thread already runs one (the service's pools), this costs a
+    call to ``torch.get_num_threads``.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
 
 # In place where torch has the op: they only ever run on a fresh F.linear output.
 _ACTIVATIONS = {
@@ -249,6 +283,7 @@ class MLPEngine:
         ]
         # Layers before the first dropout are deterministic: MC computes them once.
         self._first_dropout = next((i for i, p in enumerate(self._p) if p > 0), config.n_linear)
+        self._mc_width = max(config.widths[self._first_dropout :])  # widest MC activation
         self._x_norm = self._affine(config.input_standardization)
         self._y_norm = self._affine(config.target_standardization)
 
@@ -258,6 +293,21 @@ class MLPEngine:
         mean = torch.tensor(s.mean, dtype=torch.float32, device=self.device)  # type: ignore[attr-defined]
         std = torch.tensor(s.std, dtype=torch.float32, device=self.device)  # type: ignore[attr-defined]
         return mean, std
+
+    def replay_scope(self) -> dict[str, str | int]:
+        """What this engine's answers depend on beyond the request and the weights: the same
+        values replay the same bits (DESIGN.md contract 6)."""
+        device = str(self.device)
+        if self.device.type == "cuda":
+            device += f" ({torch.cuda.get_device_name(self.device)})"
+        return {
+            "torch_version": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "device": device,
+            "mask_mode": self.mask_mode,
+            "mc_chunk_elements": self.chunk_elements,
+            "mc_tile_elements": MC_TILE_ELEMENTS,
+        }
 
     # -- cost ------------------------------------------------------------------------------
 
@@ -310,73 +360,119 @@ class MLPEngine:
     @torch.inference_mode()
     def predict(self, x: Tensor) -> Tensor:
         """Eval-mode outputs ``(B, out)``: no dropout, no random numbers."""
-        h = self._prefix(x)
-        for i in range(self._first_dropout, len(self._layers)):
-            p = self._p[i]
-            if p > 0 and self.config.dropout_scaling == "vanilla":
-                h = h * (1.0 - p)
-            h = self._linear(i, h)
-        return self._head(h).cpu()
+        with one_thread():
+            h = self._prefix(x)
+            for i in range(self._first_dropout, len(self._layers)):
+                p = self._p[i]
+                if p > 0 and self.config.dropout_scaling == "vanilla":
+                    h = h * (1.0 - p)
+                h = self._linear(i, h)
+            return self._head(h).cpu()
 
     # -- Monte Carlo -----------------------------------------------------------------------
 
     def chunk_size(self, rows: int, n_samples: int) -> int:
         """Samples per chunk: a pure function of the request's shape, so seeds replay."""
-        width = max(self.config.widths[self._first_dropout :])
-        return max(1, min(n_samples, self.chunk_elements // (rows * width)))
+        return max(1, min(n_samples, self.chunk_elements // (rows * self._mc_width)))
+
+    def tile_size(self, rows: int, n_samples: int) -> int:
+        """Samples per tile, the unit one thread computes: a pure function of the shape."""
+        return max(1, min(n_samples, MC_TILE_ELEMENTS // (rows * self._mc_width)))
 
     @torch.inference_mode()
     def predict_mc(
-        self, x: Tensor, n_samples: int, seed: int, *, return_samples: bool = False
+        self,
+        x: Tensor,
+        n_samples: int,
+        seed: int,
+        *,
+        return_samples: bool = False,
+        stop: Callable[[], bool] | None = None,
+        map_tiles: TileMap = map,
     ) -> MCResult:
-        """``n_samples`` dropout passes seeded by ``seed``, summarised (and kept if asked)."""
+        """``n_samples`` dropout passes seeded by ``seed``, summarised (and kept if asked).
+
+        ``stop`` is asked before every tile: when it answers True the call raises ``Stopped``
+        (a request past its deadline, or whose client left). ``map_tiles`` computes the tiles
+        of a chunk, in order or on several threads: the answer is the same bits either way.
+        """
         if n_samples < 1:
             raise ValueError("n_samples must be >= 1")
-        source = mask_source(seed, self.mask_mode, self.device)
-        h0 = self._prefix(x)  # (B, d)
-        rows = h0.shape[0]
-        chunk = self.chunk_size(rows, n_samples)
-        moments = _Moments()
-        classification = self.config.task == "classification"
-        entropy_sum: Tensor | float = 0.0
-        kept: list[Tensor] = []
-        for start in range(0, n_samples, chunk):
-            t = min(chunk, n_samples - start)
-            y = self._head(self._stochastic_pass(h0, t, source))  # (t, B, out)
-            moments.add(y)
+        with one_thread():
+            source = mask_source(seed, self.mask_mode, self.device)
+            h0 = self._prefix(x)  # (B, d)
+            rows = h0.shape[0]
+            chunk = self.chunk_size(rows, n_samples)
+            tile = self.tile_size(rows, n_samples)
+            moments = _Moments()
+            classification = self.config.task == "classification"
+            entropy_sum: Tensor | float = 0.0
+            kept: list[Tensor] = []
+            for start in range(0, n_samples, chunk):
+                t = min(chunk, n_samples - start)
+                y = self._head(self._stochastic_pass(h0, t, source, tile, stop, map_tiles))
+                moments.add(y)  # y: (t, B, out)
+                if classification:
+                    entropy_sum = entropy_sum + entropy(y).sum(0, dtype=torch.float64)
+                if return_samples:
+                    kept.append(y.cpu())
+            mean, variance = moments.mean, moments.variance()
+            assert mean is not None
+            h_mean = mi = None
             if classification:
-                entropy_sum = entropy_sum + entropy(y).sum(0, dtype=torch.float64)
-            if return_samples:
-                kept.append(y.cpu())
-        mean, variance = moments.mean, moments.variance()
-        assert mean is not None
-        h_mean = mi = None
-        if classification:
-            h_mean = entropy(mean)
-            mi = (h_mean - entropy_sum / n_samples).clamp_(min=0.0).cpu()
-            h_mean = h_mean.cpu()
-        return MCResult(
-            mean=mean.cpu(),
-            variance=variance.cpu(),
-            samples=torch.cat(kept) if return_samples else None,
-            entropy=h_mean,
-            mutual_information=mi,
-        )
+                h_mean = entropy(mean)
+                mi = (h_mean - entropy_sum / n_samples).clamp_(min=0.0).cpu()
+                h_mean = h_mean.cpu()
+            return MCResult(
+                mean=mean.cpu(),
+                variance=variance.cpu(),
+                samples=torch.cat(kept) if return_samples else None,
+                entropy=h_mean,
+                mutual_information=mi,
+            )
 
     @torch.inference_mode()
     def train_pass(self, x: Tensor, seed: int) -> Tensor:
         """One stochastic pass ``(B, out)`` seeded by ``seed``: what a model left in train mode
         answers to one call. Equal to ``predict_mc(x, 1, seed, return_samples=True)``'s sample."""
-        source = mask_source(seed, self.mask_mode, self.device)
-        return self._head(self._stochastic_pass(self._prefix(x), 1, source))[0].cpu()
+        with one_thread():
+            source = mask_source(seed, self.mask_mode, self.device)
+            return self._head(self._stochastic_pass(self._prefix(x), 1, source, 1))[0].cpu()
 
-    def _stochastic_pass(self, h0: Tensor, t: int, source: MaskSource) -> Tensor:
-        """``t`` samples at once from the shared prefix ``h0 (B, d)``: returns ``(t, B, out)``."""
-        h = h0.expand(t, *h0.shape)  # (t, B, d), a view until the first mask multiplies it
-        for i in range(self._first_dropout, len(self._layers)):
-            p = self._p[i]
-            if p > 0:
-                mask = keep_mask(tuple(h.shape), p, source, device=self.device)
-                h = mask.mul_(h)  # into the fresh mask: no copy of the expanded prefix
-            h = self._linear(i, h, mc=True)
-        return h
+    def _stochastic_pass(
+        self,
+        h0: Tensor,
+        t: int,
+        source: MaskSource,
+        tile: int,
+        stop: Callable[[], bool] | None = None,
+        map_tiles: TileMap = map,
+    ) -> Tensor:
+        """``t`` samples from the shared prefix ``h0 (B, d)``: returns ``(t, B, out)``.
+
+        Every mask of the chunk is drawn first, layer by layer, in the order one pass over
+        the whole chunk would draw them; the passes then run over tiles of ``tile`` samples,
+        so each matrix product has a shape fixed by the request, whichever thread runs it.
+        """
+        masks = {
+            i: keep_mask((t, *h0.shape[:-1], self.config.widths[i]), p, source, device=self.device)
+            for i, p in enumerate(self._p)
+            if i >= self._first_dropout and p > 0
+        }
+
+        @torch.inference_mode()
+        def run(start: int) -> Tensor:
+            if stop is not None and stop():
+                raise Stopped
+            with one_thread():
+                n = min(tile, t - start)
+                h = h0.expand(n, *h0.shape)  # (n, B, d), a view until a mask multiplies it
+                for i in range(self._first_dropout, len(self._layers)):
+                    mask = masks.get(i)
+                    if mask is not None:
+                        h = mask[start : start + n].mul_(h)  # into the fresh mask: no copy
+                    h = self._linear(i, h, mc=True)
+                return h
+
+        tiles = list(map_tiles(run, range(0, t, tile)))
+        return tiles[0] if len(tiles) == 1 else torch.cat(tiles)

@@ -1,10 +1,10 @@
 """The data plane between HTTP and the engine: request checks, seeds, limits and threads.
 
-Tensor work runs on a small thread pool so that the event loop keeps answering health
-checks while a large MC request computes; a job of at most ``inline_max_macs`` multiply-adds
-(a one-block eval batch, a short MC request on a small model) runs on the event loop itself,
-because handing it to a thread and back costs more than computing it. Every protocol front
-end (v1, v2) calls this.
+Tensor work runs through ``jobs.JobRunner``: on thread pools, so that the event loop keeps
+answering health checks while a large MC request computes, or on the event loop itself for
+a job of at most ``inline_max_macs`` multiply-adds, where the hand-off costs more than the
+work. Every protocol front end (v1, v2) calls this. No answer leaves with a number JSON
+cannot carry (``check_outputs``).
 Each request is admitted per model (bounded, with a deadline; see ``limits.Admission``);
 eval requests are coalesced by a per-model ``EvalBatcher`` or, with batching off, run alone
 through the same fixed-block forward pass, so both paths give the same bits.
@@ -12,27 +12,26 @@ through the same fixed-block forward pass, so both paths give the same bits.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import secrets
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from service.accesslog import annotate
-from service.batching import EvalBatcher, Timing, blocked_predict, timed
+from service.batching import EvalBatcher, blocked_predict
 from service.engine import MCResult
 from service.errors import InvalidInput, NotReady
+from service.jobs import JobRunner, Ran
 from service.limits import Admission
 from service.metrics import Metrics
+from service.outputs import mc_outputs
 from service.repository import LoadedModel, ModelRepository
 from service.settings import Settings
 
-T = TypeVar("T")
 #: The smallest magnitude that rounds to infinity in float32 (FLT_MAX plus half an ulp).
 _FLOAT32_OVERFLOW = float(2**128 - 2**103)
 #: Request rows as JSON gives them, or a ``(B, in)`` tensor decoded from binary data.
@@ -75,29 +74,42 @@ def _check_finite(finite_rows: np.ndarray) -> None:
         raise InvalidInput(["inputs", bad], f"row {bad} holds a value beyond float32 range")
 
 
+def check_outputs(model: LoadedModel, outputs: Mapping[str, torch.Tensor]) -> None:
+    """Refuse an answer holding a number JSON cannot carry (NaN, infinity), naming the rows.
+
+    Finite inputs can still overflow inside the model (values near float32's limit times
+    the weights); the answer would otherwise carry ``null`` where a number belongs. Every
+    tensor has rows on its first axis (``samples``, rows on its second, is finite when the
+    mean over it is).
+    """
+    bad: set[int] = set()
+    for name, t in outputs.items():
+        if name == "samples":
+            continue
+        finite = torch.isfinite(t).reshape(len(t), -1).all(1)
+        if not bool(finite.all()):
+            bad.update(torch.nonzero(~finite).flatten().tolist())
+    if bad:
+        rows = sorted(bad)
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        raise InvalidInput(
+            ["inputs", rows[0]],
+            f"model {model.config.name!r} computes outputs beyond float range for rows "
+            f"[{shown}]: their values are too large for this model",
+        )
+
+
 class Runtime:
-    """Validates requests against a model and the limits, then runs the engine off-loop."""
+    """Validates requests against a model and the limits, then runs the engine."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.repository: ModelRepository | None = None
-        self._executor = ThreadPoolExecutor(
-            settings.inference_threads,
-            thread_name_prefix="inference",
-            # OpenMP keeps the intra-op thread count per OS thread: without this, tensor work
-            # on the pool would run with OpenMP's default team, whatever the settings say.
-            initializer=torch.set_num_threads,
-            initargs=(settings.intra_op_threads(),),
-        )
-        # Eval passes always run with one intra-op thread, on the event loop or on this pool:
-        # a 64-row block is too small for a team of threads to pay off, and a fixed thread
-        # count keeps a row's bits independent of where its batch ran.
-        self._eval_executor = ThreadPoolExecutor(
-            settings.inference_threads,
-            thread_name_prefix="eval",
-            initializer=torch.set_num_threads,
-            initargs=(1,),
+        self.jobs = JobRunner(
+            inline_max_macs=settings.inline_max_macs,
+            inference_threads=settings.inference_threads,
+            tile_threads=settings.intra_op_threads(),
         )
         self._admission = Admission(
             settings.max_queue_size, settings.request_timeout_s, self.metrics
@@ -108,6 +120,10 @@ class Runtime:
         if self.repository is None:
             raise NotReady("models are still loading")
         return self.repository.get(name)
+
+    def replay_scope(self, model: LoadedModel) -> dict[str, str | int]:
+        """What an answer's bits depend on beyond the request (DESIGN.md contract 6)."""
+        return {**model.engine.replay_scope(), "eval_block_rows": self.settings.eval_block_rows}
 
     def to_tensor(self, model: LoadedModel, inputs: Inputs) -> torch.Tensor:
         """Check rows and widths against the model and the limits; return ``(B, in)``.
@@ -148,18 +164,13 @@ class Runtime:
         annotate(model=model.config.name, rows=len(x))
         async with self._admission.admit(model.config.name):
             if self.settings.batching:
-                y, timing = await self._batcher(model).predict(x)
+                ran = await self._batcher(model).predict(x)
             else:
-                block = self.settings.eval_block_rows
-                padded = -(-len(x) // block) * block
-                y, timing = await self._timed_run(
-                    lambda: blocked_predict(model.engine, x, block),
-                    model.engine.eval_macs(padded),
-                    eval_pass=True,
-                )
-                self.metrics.observe_batch(model.config.name, 1, len(x), timing.compute_s)
-        self._observe(model, "eval", timing)
-        return model, y
+                ran = await self._eval(model, x)
+                self.metrics.observe_batch(model.config.name, 1, len(x), ran.compute_s)
+        check_outputs(model, {"output": ran.result})
+        self._observe(model, "eval", ran)
+        return model, ran.result
 
     async def predict_mc(
         self,
@@ -182,16 +193,12 @@ class Runtime:
                     f"samples would hold {values} values, over the limit of "
                     f"{self.settings.max_sample_values}; lower n_samples or rows",
                 )
-
-        def run() -> MCResult:
-            return model.engine.predict_mc(x, n, seed, return_samples=return_samples)
-
         async with self._admission.admit(model.config.name):
-            result, timing = await self._timed_run(run, model.engine.mc_macs(len(x), n))
+            ran = await self._mc(model, x, n, seed, return_samples)
         self.metrics.child(self.metrics.mc_samples, model.config.name).observe(n)
-        self.metrics.child(self.metrics.compute, model.config.name, "mc").observe(timing.compute_s)
-        self._observe(model, "mc", timing)
-        return MCAnswer(model=model, n_samples=n, seed=seed, result=result)
+        self.metrics.child(self.metrics.compute, model.config.name, "mc").observe(ran.compute_s)
+        self._observe(model, "mc", ran)
+        return MCAnswer(model=model, n_samples=n, seed=seed, result=ran.result)
 
     async def compare(
         self,
@@ -210,76 +217,69 @@ class Runtime:
         engine = model.engine
         annotate(model=model.config.name, rows=len(x), n_samples=n)
 
-        block = self.settings.eval_block_rows
-        padded = -(-len(x) // block) * block
-        pass_macs = engine.mc_macs(len(x), 1)
-
-        def train_pass(s: int) -> Callable[[], torch.Tensor]:
-            return lambda: engine.train_pass(x, s)
+        def train_pass(s: int) -> Callable[[Callable[[], bool]], torch.Tensor]:
+            return lambda _: engine.train_pass(x, s)
 
         async with self._admission.admit(model.config.name):
             # Each piece runs where predict and predict/mc would run it, so all three answer
             # the same bits for the same rows and seed.
-            eval_out, e0, e1 = await self._execute(
-                lambda: blocked_predict(engine, x, block), engine.eval_macs(padded), eval_pass=True
-            )
-            passes, pass_s = [], []
-            for s in seeds:
-                y, p0, p1 = await self._execute(train_pass(s), pass_macs)
-                passes.append(y)
-                pass_s.append(p1 - p0)
-            mc, m0, m1 = await self._execute(
-                lambda: engine.predict_mc(x, n, seed), engine.mc_macs(len(x), n)
-            )
+            ev = await self._eval(model, x)
+            passes = [
+                await self.jobs.run(train_pass(s), engine.mc_macs(len(x), 1), "mc") for s in seeds
+            ]
+            mc = await self._mc(model, x, n, seed, False)
+        train_passes = torch.stack([p.result for p in passes])
+        check_outputs(model, {"eval": ev.result, "train_passes": train_passes.transpose(0, 1)})
         return CompareAnswer(
             model=model,
             n_samples=n,
             seed=seed,
-            eval=eval_out,
+            eval=ev.result,
             train_pass_seeds=seeds,
-            train_passes=torch.stack(passes),
-            mc=mc,
-            eval_seconds=e1 - e0,
-            train_pass_seconds=pass_s,
-            mc_seconds=m1 - m0,
+            train_passes=train_passes,
+            mc=mc.result,
+            eval_seconds=ev.compute_s,
+            train_pass_seconds=[p.compute_s for p in passes],
+            mc_seconds=mc.compute_s,
         )
 
-    async def _run(self, fn: Callable[[], T], *, eval_pass: bool = False) -> T:
-        """Run ``fn`` on a pool: the one-thread eval pool, or the inference threads."""
-        pool = self._eval_executor if eval_pass else self._executor
-        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+    async def _eval(self, model: LoadedModel, x: torch.Tensor) -> Ran[torch.Tensor]:
+        """One eval job over zero-padded blocks, as a batch of one."""
+        block = self.settings.eval_block_rows
+        padded = -(-len(x) // block) * block
+        return await self.jobs.run(
+            lambda _: blocked_predict(model.engine, x, block),
+            model.engine.eval_macs(padded),
+            "eval",
+        )
 
-    async def _execute(
-        self, fn: Callable[[], T], macs: int, *, eval_pass: bool = False
-    ) -> tuple[T, float, float]:
-        """Run ``fn``, a job of ``macs`` multiply-adds: on the event loop (one intra-op
-        thread) when it is small, else on a pool: eval passes on the one-thread eval pool,
-        MC work on the inference threads. Where an MC job runs depends on its request alone.
-        Returns the result and when it started and ended."""
-        if macs <= self.settings.inline_max_macs:
-            return timed(fn)()
-        return await self._run(timed(fn), eval_pass=eval_pass)
+    async def _mc(
+        self, model: LoadedModel, x: torch.Tensor, n: int, seed: int, return_samples: bool
+    ) -> Ran[MCResult]:
+        """One MC job; its answer is checked for numbers JSON cannot carry."""
+        engine = model.engine
+        macs = engine.mc_macs(len(x), n)
+        tiles = map if self.jobs.inline(macs) else self.jobs.map_tiles
 
-    async def _execute_eval(self, fn: Callable[[], T], macs: int) -> tuple[T, float, float]:
-        return await self._execute(fn, macs, eval_pass=True)
+        def work(stopped: Callable[[], bool]) -> MCResult:
+            return engine.predict_mc(
+                x, n, seed, return_samples=return_samples, stop=stopped, map_tiles=tiles
+            )
 
-    async def _timed_run(
-        self, fn: Callable[[], T], macs: int, *, eval_pass: bool = False
-    ) -> tuple[T, Timing]:
-        """Run ``fn`` (see ``_execute``); also say how long it queued and computed."""
-        queued = time.perf_counter()
-        result, start, end = await self._execute(fn, macs, eval_pass=eval_pass)
-        return result, Timing(start - queued, end - start)
+        ran = await self.jobs.run(work, macs, "mc")
+        check_outputs(model, mc_outputs(model.config, ran.result))
+        return ran
 
     def _batcher(self, model: LoadedModel) -> EvalBatcher:
         name = model.config.name
         batcher = self._batchers.get(name)
         if batcher is None:
             s = self.settings
+
             batcher = self._batchers[name] = EvalBatcher(
                 name,
                 model.engine,
-                self._execute_eval,
+                functools.partial(self.jobs.run, kind="eval"),
                 self.metrics,
                 max_rows=s.max_batch_size,
                 max_delay_s=s.max_delay_ms / 1000,
@@ -287,16 +287,15 @@ class Runtime:
             )
         return batcher
 
-    def _observe(self, model: LoadedModel, kind: str, timing: Timing) -> None:
-        self.metrics.child(self.metrics.queue_wait, model.config.name, kind).observe(timing.queue_s)
+    def _observe(self, model: LoadedModel, kind: str, ran: Ran[Any]) -> None:
+        self.metrics.child(self.metrics.queue_wait, model.config.name, kind).observe(ran.queue_s)
         annotate(
-            queue_ms=round(timing.queue_s * 1000, 3),
-            compute_ms=round(timing.compute_s * 1000, 3),
-            batch_requests=timing.batch_requests,
+            queue_ms=round(ran.queue_s * 1000, 3),
+            compute_ms=round(ran.compute_s * 1000, 3),
+            batch_requests=ran.shared,
         )
 
     def close(self) -> None:
         for batcher in self._batchers.values():
             batcher.close()
-        self._executor.shutdown(wait=True, cancel_futures=False)
-        self._eval_executor.shutdown(wait=True, cancel_futures=False)
+        self.jobs.close()

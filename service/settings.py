@@ -26,10 +26,16 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=256,
-        description="Intra-op torch threads per worker (default: cores/workers).",
+        description="Threads per worker over which a large MC request spreads its tiles; "
+        "every pass computes on one core, so no answer depends on it (default: the cores "
+        "this process may use, divided by the workers).",
     )
     inference_threads: int = Field(
-        1, ge=1, le=64, description="Threads running tensor work off the event loop, per worker."
+        1,
+        ge=1,
+        le=64,
+        description="Threads per worker running forward jobs off the event loop: as many for "
+        "eval jobs and again for MC jobs.",
     )
     inline_max_macs: int = Field(
         2_000_000,

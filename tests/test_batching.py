@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,9 @@ import httpx
 import pytest
 import torch
 
-from service.batching import EvalBatcher, blocked_predict, timed
+from service.batching import EvalBatcher, blocked_predict
 from service.engine import MLPEngine
+from service.jobs import JobRunner
 from service.metrics import Metrics
 from service.repository import load_model
 from service.settings import Settings
@@ -85,19 +85,20 @@ def test_batcher_coalesces_and_answers_each_request_as_alone() -> None:
     solo = [blocked_predict(engine, x, BLOCK) for x in requests]
 
     async def burst() -> list[torch.Tensor]:
-        with ThreadPoolExecutor(1) as pool:
-            loop = asyncio.get_running_loop()
+        jobs = JobRunner(inline_max_macs=0, inference_threads=1, tile_threads=1)
 
-            async def run(fn: Any, macs: int) -> Any:
-                assert macs == engine.eval_macs(BLOCK)  # every batch here fits one block
-                return await loop.run_in_executor(pool, timed(fn))
+        async def run(work: Any, macs: int) -> Any:
+            assert macs == engine.eval_macs(BLOCK)  # every batch here fits one block
+            return await jobs.run(work, macs, "eval")
 
-            batcher = EvalBatcher(
-                "deep", engine, run, metrics, max_rows=64, max_delay_s=0.01, block_rows=BLOCK
-            )
-            answers = await asyncio.gather(*(batcher.predict(x) for x in requests))
-            batcher.close()
-        return [y for y, _ in answers]
+        batcher = EvalBatcher(
+            "deep", engine, run, metrics, max_rows=64, max_delay_s=0.01, block_rows=BLOCK
+        )
+        answers = await asyncio.gather(*(batcher.predict(x) for x in requests))
+        batcher.close()
+        jobs.close()
+        assert max(a.shared for a in answers) > 1
+        return [a.result for a in answers]
 
     for got, alone in zip(asyncio.run(burst()), solo, strict=True):
         assert torch.equal(got, alone)

@@ -1,49 +1,111 @@
-"""The inference pool runs tensor work with the intra-op thread count the process chose."""
+"""Every forward pass computes with one intra-op thread, wherever it runs, so that the thread
+settings never change an answer's bits (DESIGN.md contract 6)."""
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from service.engine import MLPEngine
+from service.jobs import JobRunner
 from service.runtime import Runtime
 from service.settings import Settings
+from tests.helpers import random_tensors, wide_regression_config
 
 
-def openmp() -> ctypes.CDLL:
-    """The OpenMP runtime torch loaded (its thread count is per OS thread)."""
-    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
-    libs = sorted({line.split()[-1] for line in maps.splitlines() if "gomp" in line})
-    # scikit-learn or scipy may have loaded a libgomp of their own: ask torch's copy.
-    ours = [lib for lib in libs if "/torch/" in lib] or libs
-    if not ours:
-        pytest.skip("torch runs without GNU OpenMP here")
-    return ctypes.CDLL(ours[0])
-
-
-def test_inference_threads_use_the_configured_torch_threads(tmp_path: Path) -> None:
-    omp = openmp()
+@pytest.fixture
+def three_threads() -> Iterator[None]:
+    """The calling thread runs a team of three: what a pass must not inherit."""
     before = torch.get_num_threads()
-    wanted = 3 if (os.cpu_count() or 1) != 3 else 2  # differs from OpenMP's default team
-    runtime = Runtime(Settings(model_dir=tmp_path, inference_threads=2, torch_threads=wanted))
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("three_threads")
+def test_pool_threads_compute_with_one_intra_op_thread() -> None:
+    jobs = JobRunner(inline_max_macs=0, inference_threads=2, tile_threads=2)
     try:
 
-        async def both_pool_threads() -> list[int]:
-            return list(
-                await asyncio.gather(*(runtime._run(omp.omp_get_max_threads) for _ in range(4)))
-            )
+        async def report(kind: str) -> list[int]:
+            runs = [jobs.run(lambda _: torch.get_num_threads(), 1, kind) for _ in range(4)]  # type: ignore[arg-type]
+            return [r.result for r in await asyncio.gather(*runs)]
 
-        assert asyncio.run(both_pool_threads()) == [wanted] * 4
+        assert asyncio.run(report("eval")) == [1] * 4
+        assert asyncio.run(report("mc")) == [1] * 4
+        tiles = list(jobs.map_tiles(lambda _: torch.get_num_threads(), range(8)))
+        assert tiles == [1] * 8
+    finally:
+        jobs.close()
 
-        async def eval_pool_threads() -> list[int]:
-            jobs = (runtime._run(omp.omp_get_max_threads, eval_pass=True) for _ in range(4))
-            return list(await asyncio.gather(*jobs))
 
-        assert asyncio.run(eval_pool_threads()) == [1] * 4  # eval passes: one thread, always
+@pytest.mark.usefixtures("three_threads")
+def test_the_engine_computes_on_one_thread_and_restores_the_callers_count() -> None:
+    config = wide_regression_config()
+    engine = MLPEngine(config, random_tensors(config))
+    seen: list[int] = []
+    original = engine._linear
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    engine._linear = spy  # type: ignore[method-assign]
+    x = torch.randn(3, 8)
+    engine.predict(x)
+    engine.predict_mc(x, 50, seed=1)
+    engine.train_pass(x, seed=1)
+    assert seen
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == 3
+
+
+def test_a_large_mc_request_spreads_its_tiles_over_the_tile_threads(tmp_path: Path) -> None:
+    config = wide_regression_config()
+    engine = MLPEngine(config, random_tensors(config))
+    runtime = Runtime(Settings(model_dir=tmp_path, torch_threads=2))
+    names: set[str] = set()
+    original = engine._linear
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        names.add(threading.current_thread().name)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    engine._linear = spy  # type: ignore[method-assign]
+    try:
+        n = 20 * engine.tile_size(1, 10_000)
+        engine.predict_mc(torch.randn(1, 8), n, seed=3, map_tiles=runtime.jobs.map_tiles)
     finally:
         runtime.close()
+    assert len({name for name in names if name.startswith("tile")}) == 2, names
+
+
+@pytest.mark.parametrize("mask_mode", ["torch", "packed"])
+def test_mc_bits_do_not_depend_on_the_thread_settings(mask_mode: str) -> None:
+    """With torch 2.13 on x86, a 100x256 by 256x1 product differs in the last bit between 1
+    and 2 intra-op threads; the answers must not."""
+    config = wide_regression_config()
+    engine = MLPEngine(config, random_tensors(config, seed=4), mask_mode=mask_mode)  # type: ignore[arg-type]
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1)) * 3
+    answers = []
+    before = torch.get_num_threads()
+    try:
+        for threads, tile_threads in [(1, 1), (2, 1), (2, 2), (3, 3)]:
+            torch.set_num_threads(threads)
+            jobs = JobRunner(inline_max_macs=0, inference_threads=1, tile_threads=tile_threads)
+            try:
+                per_t = []
+                for t in (10, 100, 1000, 3000):
+                    r = engine.predict_mc(x, t, seed=7, map_tiles=jobs.map_tiles)
+                    per_t.append((r.mean.numpy().tobytes(), r.variance.numpy().tobytes()))
+            finally:
+                jobs.close()
+            answers.append(per_t)
+    finally:
         torch.set_num_threads(before)
+    assert all(a == answers[0] for a in answers[1:])

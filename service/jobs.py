@@ -1,0 +1,115 @@
+"""Running forward jobs: where, on how many threads, timed, and stopped when nobody waits.
+
+A job is a function of one argument, ``stopped``, a callable the job asks between pieces of
+work. ``JobRunner.run`` computes it on the event loop when it is small (handing it to a
+thread and back costs more), else on a thread pool: eval jobs and MC jobs on pools of their
+own, so that a cheap eval pass never queues behind an MC request. Every pass computes with
+one intra-op thread (``engine.one_thread``); a large MC request spreads its tiles over the
+tile pool instead, which changes its speed and never its bits.
+
+When the awaiting task is cancelled (its deadline passed, or its client left), the job is
+told to stop and the caller waits until it has: whoever holds an admission slot for the
+job keeps it until the thread is free again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: A job: computes its result, asking ``stopped()`` between pieces of work.
+Work = Callable[[Callable[[], bool]], T]
+Kind = Literal["eval", "mc"]
+
+
+@dataclass(frozen=True)
+class Ran(Generic[T]):
+    """A job's result and when it was submitted, started and ended (``perf_counter``);
+    ``shared`` counts the requests whose work it computed (an eval batch)."""
+
+    result: T
+    queued: float
+    start: float
+    end: float
+    shared: int = 1
+
+    @property
+    def queue_s(self) -> float:
+        return self.start - self.queued
+
+    @property
+    def compute_s(self) -> float:
+        return self.end - self.start
+
+
+def _never() -> bool:
+    return False
+
+
+def _one_thread_pool(threads: int, name: str) -> ThreadPoolExecutor:
+    # OpenMP keeps the intra-op thread count per OS thread: set it in each pool thread.
+    return ThreadPoolExecutor(
+        threads, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,)
+    )
+
+
+def _timed(work: Work[T], stopped: Callable[[], bool]) -> tuple[T, float, float]:
+    start = time.perf_counter()
+    result = work(stopped)
+    return result, start, time.perf_counter()
+
+
+class JobRunner:
+    """Runs jobs inline or on the eval and MC pools, and maps MC tiles over the tile pool."""
+
+    def __init__(self, *, inline_max_macs: int, inference_threads: int, tile_threads: int):
+        self.inline_max_macs = inline_max_macs
+        self._pools: dict[Kind, ThreadPoolExecutor] = {
+            "eval": _one_thread_pool(inference_threads, "eval"),
+            "mc": _one_thread_pool(inference_threads, "inference"),
+        }
+        self._tiles = _one_thread_pool(tile_threads, "tile") if tile_threads > 1 else None
+
+    def inline(self, macs: int) -> bool:
+        """Whether a job of ``macs`` multiply-adds runs on the event loop."""
+        return macs <= self.inline_max_macs
+
+    async def run(self, work: Work[T], macs: int, kind: Kind) -> Ran[T]:
+        """Run ``work``, a job of ``macs`` multiply-adds; where depends on its size alone."""
+        queued = time.perf_counter()
+        if self.inline(macs):
+            result, start, end = _timed(work, _never)
+            return Ran(result, queued, start, end)
+        stop = threading.Event()
+        job = asyncio.wrap_future(self._pools[kind].submit(_timed, work, stop.is_set))
+        try:
+            result, start, end = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            stop.set()  # the job stops at its next tile; the caller waits until it has
+            await asyncio.wait([job])
+            if not job.cancelled():
+                job.exception()  # retrieved: Stopped is the expected end
+            raise
+        return Ran(result, queued, start, end)
+
+    def map_tiles(self, fn: Callable[[int], R], items: Iterable[int]) -> Iterator[R]:
+        """``map(fn, items)``, on the tile pool when there is one and more than one item."""
+        todo = list(items)
+        if self._tiles is None or len(todo) == 1:
+            return map(fn, todo)
+        return self._tiles.map(fn, todo)
+
+    def close(self) -> None:
+        for pool in (*self._pools.values(), self._tiles):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=False)
