@@ -23,8 +23,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.asgi import headers
+from service.jobs import ClientGone, client_gone
 from service.metrics import Metrics
 
 LOGGER = "dropout.access"
@@ -88,31 +91,73 @@ def flush_access_log() -> None:
         handler.flush()
 
 
-def configure_access_log(enabled: bool) -> None:
-    """Send access lines, bare JSON, to stdout (batched, see ``BatchedStdout``); or silence
-    them. Other handlers can be added to the ``dropout.access`` logger as to any other."""
-    log.setLevel(logging.INFO if enabled else logging.CRITICAL + 1)
+def configure_access_log() -> None:
+    """Send access lines, bare JSON, to stdout (batched, see ``BatchedStdout``). Each app
+    says whether it writes them (``Observed``); other handlers can be added to the
+    ``dropout.access`` logger as to any other, and its level silences every app."""
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
     log.propagate = False
     if not any(isinstance(h, BatchedStdout) for h in log.handlers):
         log.addHandler(BatchedStdout())
 
 
 def request_id(scope: Scope) -> str:
-    for key, value in scope["headers"]:
-        if key == HEADER and _VALID_ID.fullmatch(value):
-            return str(value.decode("ascii"))
+    """The caller's ``X-Request-ID`` when it looks like an id, else a fresh one."""
+    value = headers(scope).get(HEADER)
+    if value is not None and _VALID_ID.fullmatch(value):
+        return value.decode("ascii")
     return uuid.uuid4().hex
+
+
+#: nginx's status for a client that closed the connection before its answer was sent.
+CLIENT_CLOSED = 499
+
+
+class _Client:
+    """Watches a request's ``receive`` for the end of its body and for a disconnect."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.body_done = False
+        self.gone = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.gone = True
+        elif not message.get("more_body", False):
+            self.body_done = True
+        return message
+
+    async def wait_gone(self) -> None:
+        """Return once the client has disconnected (asked only after the body was read)."""
+        while not self.gone:
+            if not self.body_done:  # the app still reads the body: not ours to take
+                await asyncio.Event().wait()
+            await self.receive()
 
 
 class Observed:
     """What every HTTP request leaves behind, in one pure-ASGI wrapper: its id (taken from
     or added as ``X-Request-ID``), its Prometheus count and latency (``Metrics``), and its
-    access-log line. Outermost, so the latency covers the whole answer."""
+    access-log line (when ``access_log``). Outermost, so the latency covers the whole answer.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, known_model: Callable[[str], bool]) -> None:
+    A client that disconnects before its answer is counted and logged as 499, with nothing
+    sent: mid-body, or while its job computes (the job stops: ``jobs.client_gone``).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        known_model: Callable[[str], bool],
+        access_log: bool = True,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.known_model = known_model  # keeps the model label's values bounded
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,6 +165,7 @@ class Observed:
             return
         rid = request_id(scope)
         record: dict[str, Any] = {"model": None, "n_samples": None}
+        client = _Client(receive)
         status = 500
         start = time.perf_counter()
 
@@ -131,15 +177,21 @@ class Observed:
             await send(message)
 
         token = _record.set(record)
+        gone_token = client_gone.set(client.wait_gone)
         self.metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, client.receive, send_with_id)
+        except (ClientGone, ClientDisconnect):
+            client.gone = True
         finally:
             seconds = time.perf_counter() - start
+            client_gone.reset(gone_token)
             _record.reset(token)
             self.metrics.in_flight.dec()
+            if client.gone and status == 500:  # nothing, or only our 500, was sent
+                status = CLIENT_CLOSED
             self.metrics.observe_request(scope, status, seconds, self.known_model)
-            if log.isEnabledFor(logging.INFO):
+            if self.access_log and log.isEnabledFor(logging.INFO):
                 self._write(scope, rid, status, seconds, record)
 
     @staticmethod

@@ -44,9 +44,14 @@ async def load_models(app: FastAPI) -> None:
     settings: Settings = app.state.settings
     runtime: Runtime = app.state.runtime
     metrics: Metrics = app.state.metrics
-    repo = await asyncio.to_thread(
-        ModelRepository.load, settings.model_dir, settings.torch_device(), settings.mc_mask
-    )
+    try:
+        repo = await asyncio.to_thread(
+            ModelRepository.load, settings.model_dir, app.state.device, settings.mc_mask
+        )
+    except Exception as exc:  # an unreadable repository: say so in /readyz, never hang there
+        log.error("could not read the model repository %s", settings.model_dir, exc_info=exc)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        repo = ModelRepository(failures={"(repository)": f"could not be read: {reason}"})
     for model in repo:
         c = model.config
         metrics.model_info.labels(c.name).info(
@@ -61,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # fastest (a team of two costs more to wake than it saves); the inference threads run
     # with the configured intra-op count (Runtime's pool initializer).
     torch.set_num_threads(1)
+    app.state.device = app.state.settings.torch_device()  # a device it lacks stops the start
     app.state.metrics.torch_threads.set(app.state.settings.intra_op_threads())
     loading = asyncio.create_task(load_models(app))
     try:
@@ -101,7 +107,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         FastPredict, runtime=runtime, routes=routes, max_json_depth=settings.max_json_depth
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    configure_access_log(settings.access_log)
+    configure_access_log()
     # Outermost: its request id, latency and status cover the whole answer.
-    app.add_middleware(Observed, metrics=metrics, known_model=known_model)
+    app.add_middleware(
+        Observed, metrics=metrics, known_model=known_model, access_log=settings.access_log
+    )
     return app

@@ -12,6 +12,8 @@ from dataclasses import asdict
 from importlib.util import find_spec
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from service.demos import DIGITS_OPTIONS, SINE_GAP_OPTIONS
 from service.protocol import ProtocolOptions
 from service.report import ReportOptions
@@ -34,7 +36,12 @@ def _serve(args: argparse.Namespace) -> int:
     for key, value in flags.items():
         if value is not None:
             os.environ[f"DROPOUT_{key.upper()}"] = str(value)
-    settings = Settings()  # validate once here, with a clear error, before forking workers
+    try:  # validate once here, with a clear error, before forking workers
+        settings = Settings()
+        settings.torch_device()
+    except (ValueError, ValidationError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the
     # handler it found; a no-op one makes that graceful shutdown exit 0, as platforms expect.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -53,6 +60,16 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S,
     )
     return 0
+
+
+def _one_line(exc: Exception) -> str:
+    """A settings error as one line per problem, naming the variable."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"DROPOUT_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        )
+    return str(exc)
 
 
 def _options(args: argparse.Namespace, input_dropout: bool) -> TrainOptions:

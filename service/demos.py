@@ -116,6 +116,7 @@ def train_digits(out: Path, opts: TrainOptions, *, version: str = "1") -> TrainR
         activation=opts.activation,
         dropout=[opts.dropout] * len(opts.hidden),
         input_dropout=opts.dropout if opts.input_dropout else 0.0,
+        dropout_scaling=opts.scaling,
         # Raw pixel intensities in, scaled to [0, 1] inside the model.
         input_standardization=Standardization(mean=[0.0] * dim, std=[DIGIT_PIXEL_MAX] * dim),
         labels=[str(d) for d in range(10)],
@@ -186,6 +187,7 @@ def _flags_of(opts: TrainOptions) -> dict[str, str]:
         "--weight-decay": str(opts.weight_decay),
         "--seed": str(opts.seed),
         "--mc-samples": str(opts.mc_samples),
+        "--scaling": opts.scaling,
     }
 
 

@@ -269,8 +269,8 @@ class MLPEngine:
         self._act = _ACTIVATIONS[config.activation]
         self._layers = [
             (
-                tensors[weight_name(i)].to(self.device, torch.float32).contiguous(),
-                tensors[bias_name(i)].to(self.device, torch.float32).contiguous(),
+                tensors[weight_name(i)].to(self.device, torch.float32, copy=True).contiguous(),
+                tensors[bias_name(i)].to(self.device, torch.float32, copy=True).contiguous(),
             )
             for i in range(config.n_linear)
         ]

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 
 class ServiceError(Exception):
@@ -145,6 +146,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def handle_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        if isinstance(exc.__cause__, ClientDisconnect):  # nobody to answer: Observed counts 499
+            raise exc.__cause__
         if exc.status_code == 400 and exc.__cause__ is not None:
             # FastAPI answers a bare 400 when its JSON parser fails with anything but
             # JSONDecodeError (an integer past Python's 4300-digit limit): malformed input, 422.

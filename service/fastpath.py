@@ -28,8 +28,9 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.v1 import MODEL_NAME_MAX, eval_fields, mc_fields
+from service.asgi import header, headers, read_body, replay
 from service.errors import ServiceError, error_response, is_json_media_type
-from service.limits import json_problem, read_body, replay
+from service.limits import json_problem
 from service.runtime import Runtime
 from service.schemas import MCRequest, PredictRequest
 
@@ -56,9 +57,8 @@ class FastPredict:
         if match is None or scope["method"] != "POST" or len(match[1]) > MODEL_NAME_MAX:
             await self.app(scope, receive, send)
             return
-        headers = dict(reversed(scope["headers"]))  # the first of repeated headers, as Starlette
-        if b"content-length" not in headers or not is_json_media_type(
-            headers.get(b"content-type", b"").decode("latin-1")
+        if b"content-length" not in headers(scope) or not is_json_media_type(
+            header(scope, b"content-type")
         ):
             await self.app(scope, receive, send)
             return

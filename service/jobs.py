@@ -7,9 +7,10 @@ own, so that a cheap eval pass never queues behind an MC request. Every pass com
 one intra-op thread (``engine.one_thread``); a large MC request spreads its tiles over the
 tile pool instead, which changes its speed and never its bits.
 
-When the awaiting task is cancelled (its deadline passed, or its client left), the job is
-told to stop and the caller waits until it has: whoever holds an admission slot for the
-job keeps it until the thread is free again.
+When the awaiting task is cancelled (its deadline passed) or its client leaves (the front
+door says how to notice, through ``client_gone``), the job is told to stop and the caller
+waits until it has: whoever holds an admission slot for the job keeps it until the thread
+is free again.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
@@ -30,6 +32,16 @@ R = TypeVar("R")
 #: A job: computes its result, asking ``stopped()`` between pieces of work.
 Work = Callable[[Callable[[], bool]], T]
 Kind = Literal["eval", "mc"]
+
+#: Set by a front door for the request it serves: a coroutine function that returns once
+#: the request's client has gone (HTTP: disconnected). Unset: nobody watches.
+client_gone: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar(
+    "client_gone", default=None
+)
+
+
+class ClientGone(Exception):
+    """The client left before its answer; its job stopped. Nothing is sent (HTTP 499)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,14 @@ def _one_thread_pool(threads: int, name: str) -> ThreadPoolExecutor:
     )
 
 
+async def _stop(job: asyncio.Future[Any], stop: threading.Event) -> None:
+    """Ask ``job`` to stop at its next tile, and return once its thread is done with it."""
+    stop.set()
+    await asyncio.wait([job])
+    if not job.cancelled():
+        job.exception()  # retrieved: Stopped is the expected end
+
+
 def _timed(work: Work[T], stopped: Callable[[], bool]) -> tuple[T, float, float]:
     start = time.perf_counter()
     result = work(stopped)
@@ -92,14 +112,21 @@ class JobRunner:
             return Ran(result, queued, start, end)
         stop = threading.Event()
         job = asyncio.wrap_future(self._pools[kind].submit(_timed, work, stop.is_set))
+        gone = client_gone.get()
+        watch = asyncio.ensure_future(gone()) if gone is not None else None
+        waited: list[asyncio.Future[Any]] = [job] if watch is None else [job, watch]
         try:
-            result, start, end = await asyncio.shield(job)
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            stop.set()  # the job stops at its next tile; the caller waits until it has
-            await asyncio.wait([job])
-            if not job.cancelled():
-                job.exception()  # retrieved: Stopped is the expected end
+            await _stop(job, stop)
             raise
+        finally:
+            if watch is not None:
+                watch.cancel()
+        if not job.done():  # the client left
+            await _stop(job, stop)
+            raise ClientGone
+        result, start, end = job.result()
         return Ran(result, queued, start, end)
 
     def map_tiles(self, fn: Callable[[int], R], items: Iterable[int]) -> Iterator[R]:

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.asgi import header, headers, read_body, replay
 from service.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -48,7 +49,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
+        length = headers(scope).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await self._too_large()(scope, receive, send)
             return
@@ -111,9 +112,7 @@ class JSONGuard:
         self.max_depth = max_depth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = dict(scope.get("headers", ()))
-        ctype = headers.get(b"content-type", b"").decode("latin-1")
-        if scope["type"] != "http" or not is_json_media_type(ctype):
+        if scope["type"] != "http" or not is_json_media_type(header(scope, b"content-type")):
             await self.app(scope, receive, send)
             return
         try:
@@ -131,31 +130,6 @@ class JSONGuard:
             await (v2 or error_response(error))(scope, receive, send)
             return
         await self.app(scope, replay(body, receive), send)
-
-
-async def read_body(receive: Receive) -> bytes | None:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that hands over the buffered body once, then defers to the client's."""
-    sent = False
-
-    async def replayed() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replayed
 
 
 class Admission:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from service.engine import DEFAULT_MASK_MODE, MaskMode, MLPEngine
 from service.errors import ModelNotFound
@@ -77,6 +77,11 @@ class ModelRepository:
                 log.error("refused model %s: %s", folder.name, exc)
                 repo.failures[folder.name] = str(exc)
                 continue
+            except Exception as exc:  # whatever else goes wrong, the other folders still load
+                reason = f"could not be loaded ({type(exc).__name__}: {_reason(exc)})"
+                log.error("refused model %s: %s", folder.name, reason, exc_info=exc)
+                repo.failures[folder.name] = reason
+                continue
             repo.models[model.config.name] = model
             log.info(
                 "loaded model %s version %s sha256 %s",
@@ -99,6 +104,38 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The tensors of ``config``'s weights file, checked against its sha256.
+
+    The file is read once into memory, and both the checksum and the tensors come from those
+    bytes: the tensors are the process's own, so nothing done to the file afterwards (a new
+    version copied over it, a truncation) can change an answer, and what was checked is what
+    is served. (``safetensors.torch.load_file`` maps the file instead: its tensors would
+    follow later writes, and a truncated file would end the process with SIGBUS.)
+    """
+    weights = folder / config.weights_file
+    if not weights.is_file():
+        raise ModelLoadError(f"{config.weights_file}: file missing")
+    try:
+        data = weights.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{config.weights_file}: {_reason(exc)}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != config.sha256:
+        raise ModelLoadError(
+            f"{config.weights_file}: sha256 {actual[:12]}... does not match config "
+            f"{config.sha256[:12]}..."
+        )
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{config.weights_file}: not a valid safetensors file ({exc})"
+        ) from None
+    check_tensors(config, tensors)
+    return tensors
+
+
 def read_config(folder: Path) -> ModelConfig:
     path = folder / CONFIG_FILE
     try:
@@ -115,22 +152,7 @@ def load_model(
 ) -> LoadedModel:
     """Validate one folder and build its engine, or raise ``ModelLoadError``."""
     config = read_config(folder)
-    weights = folder / config.weights_file
-    if not weights.is_file():
-        raise ModelLoadError(f"{config.weights_file}: file missing")
-    actual = sha256_of(weights)
-    if actual != config.sha256:
-        raise ModelLoadError(
-            f"{config.weights_file}: sha256 {actual[:12]}... does not match config "
-            f"{config.sha256[:12]}..."
-        )
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"{config.weights_file}: not a valid safetensors file ({exc})"
-        ) from None
-    check_tensors(config, tensors)
+    tensors = read_weights(folder, config)
     engine = MLPEngine(config, tensors, device=device, mask_mode=mask_mode)
     return LoadedModel(config=config, engine=engine, path=folder)
 

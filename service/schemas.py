@@ -97,6 +97,25 @@ class MCResponse(BaseModel):
     )
 
 
+class ReplayScope(BaseModel):
+    """What an answer's bits depend on beyond the model version, the request and its seed.
+
+    The same values replay the same bits, whatever the load, batch, worker or thread count;
+    another torch build or CPU kind (AVX-512 against AVX2, ARM) may differ in the last bits.
+    """
+
+    torch_version: str = Field(examples=["2.13.0+cpu"])
+    cpu_capability: str = Field(
+        description="torch.backends.cpu.get_cpu_capability(): the vector kernels torch chose.",
+        examples=["AVX512"],
+    )
+    device: str = Field(examples=["cpu"])
+    mask_mode: Literal["packed", "torch"] = Field(description="How MC draws its masks.")
+    mc_chunk_elements: int = Field(description="Activation elements per MC chunk.")
+    mc_tile_elements: int = Field(description="Activation elements per MC tile.")
+    eval_block_rows: int = Field(description="Rows of every (zero-padded) eval pass.")
+
+
 class ModelMetadata(BaseModel):
     name: str
     version: str
@@ -112,6 +131,7 @@ class ModelMetadata(BaseModel):
     noise_variance: list[float] | None = None
     sha256: str
     metrics: dict[str, object] = Field(default_factory=dict)
+    replay: ReplayScope
 
 
 class ModelList(BaseModel):

@@ -150,6 +150,12 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata] = Field(
         description="`output` for eval; the others for MC requests (see parameters)."
     )
+    parameters: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="What an answer's bits depend on beyond the request and its seed (v1's "
+        "`replay`): torch_version, cpu_capability, device, mask_mode, mc_chunk_elements, "
+        "mc_tile_elements, eval_block_rows.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={

@@ -104,9 +104,19 @@ class Settings(BaseSettings):
         return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     def torch_device(self) -> str:
-        """The device to load models on; ``auto`` takes CUDA when torch sees one."""
-        if self.device != "auto":
-            return self.device
+        """The device to load models on; ``auto`` takes CUDA when torch sees one. Raises
+        ``ValueError`` for a device this machine does not have."""
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= count:
+                seen = f"{count} CUDA device(s)" if count else "no CUDA device"
+                raise ValueError(
+                    f"DROPOUT_DEVICE={self.device}, but torch {torch.__version__} sees {seen}; "
+                    "use cpu, or auto to take CUDA only where present"
+                )
+        return self.device

@@ -98,7 +98,11 @@ def from_json(data: Any, shape: Sequence[int], datatype: str, where: str) -> tor
     count = math.prod(shape)
     if len(flat) != count:
         raise _bad(where, f"{len(flat)} values; shape {list(shape)} needs {count}")
-    return torch.tensor(flat, dtype=DATATYPES[datatype][0]).reshape(tuple(shape))
+    try:
+        values = torch.tensor(flat, dtype=DATATYPES[datatype][0])
+    except OverflowError:  # an integer past float64's range (JSON allows any length)
+        raise _bad(where, f"holds a number beyond {datatype} range") from None
+    return values.reshape(tuple(shape))
 
 
 def to_bytes(t: torch.Tensor) -> bytes:

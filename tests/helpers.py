@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 import torch
 import uvicorn
 
 from service.app import create_app
-from service.model import ModelConfig, Standardization, bias_name, weight_name
+from service.model import (
+    ModelConfig,
+    Standardization,
+    bias_name,
+    build_sequential,
+    load_into_sequential,
+    weight_name,
+)
 from service.repository import save_model
 from service.settings import Settings
 
+ROOT = Path(__file__).resolve().parents[1]
 SHA_PLACEHOLDER = "0" * 64
 
 
@@ -90,6 +103,39 @@ def classifier_config(**overrides: Any) -> ModelConfig:
     return ModelConfig(**{**fields, **overrides})
 
 
+def reference_eval(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """The same weights in a plain nn.Sequential in eval mode, with the config's transforms."""
+    seq = build_sequential(config)
+    load_into_sequential(seq, tensors)
+    seq.eval()
+    if s := config.input_standardization:
+        x = (x - torch.tensor(s.mean)) / torch.tensor(s.std)
+    with torch.no_grad():
+        y = seq(x)
+    if config.task == "classification":
+        return torch.softmax(y, dim=-1)
+    if s := config.target_standardization:
+        y = y * torch.tensor(s.std) + torch.tensor(s.mean)
+    return y
+
+
+def cases() -> list[tuple[ModelConfig, dict[str, torch.Tensor]]]:
+    deep, clf = deep_regression_config(), classifier_config()
+    vanilla = deep_regression_config(dropout_scaling="vanilla")
+    return [
+        (tiny_regression_config(), tiny_tensors()),
+        (deep, random_tensors(deep, 1)),
+        (clf, random_tensors(clf, 2)),
+        (vanilla, random_tensors(vanilla, 1)),
+    ]
+
+
+def inputs(config: ModelConfig, rows: int = 17, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, config.input_dim, generator=torch.Generator().manual_seed(seed)) * 2
+
+
 def write_model(root: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]) -> ModelConfig:
     return save_model(root / config.name, config, tensors, f"# {config.name}\n\nA test model.\n")
 
@@ -109,7 +155,14 @@ class LiveServer:
         self.app = create_app(settings)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.exit_code: int | str | None = None
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except SystemExit as exc:  # uvicorn exits when the app's startup fails
+            self.exit_code = exc.code
 
     @property
     def url(self) -> str:
@@ -122,16 +175,8 @@ class LiveServer:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
+                raise RuntimeError(f"uvicorn did not start (exit code {self.exit_code})")
             time.sleep(0.01)
-
-    def wait_ready(self, timeout: float = 20.0) -> httpx.Response:
-        deadline = time.monotonic() + timeout
-        while True:
-            r = httpx.get(f"{self.url}/readyz")
-            if r.status_code == 200 or time.monotonic() > deadline:
-                return r
-            time.sleep(0.02)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -144,7 +189,7 @@ def live_server(settings: Settings, *, wait_ready: bool = True) -> Iterator[Live
     server.start()
     try:
         if wait_ready:
-            assert server.wait_ready().status_code == 200
+            poll_readyz(server.url, is_ready)
         yield server
     finally:
         server.stop()
@@ -184,3 +229,62 @@ def write_uci_folder(
         np.savetxt(folder / f"index_train_{k}.txt", order[:train_rows], fmt="%d")
         np.savetxt(folder / f"index_test_{k}.txt", order[train_rows:], fmt="%d")
     return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def poll_readyz(
+    url: str,
+    done: Callable[[httpx.Response], bool],
+    *,
+    timeout: float = 60.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> httpx.Response:
+    """GET /readyz until ``done(answer)``; fail if it never is, or if ``proc`` exits (with
+    its output, from ``log`` or its stdout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            out = log.read_text() if log else proc.stdout.read().decode() if proc.stdout else ""
+            pytest.fail(f"the server exited with {proc.returncode}:\n{out[-3000:]}")
+        try:
+            r = httpx.get(f"{url}/readyz")
+            if done(r):
+                return r
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url}/readyz did not get there in {timeout} s")
+        time.sleep(0.02)
+
+
+def is_ready(r: httpx.Response) -> bool:
+    return r.status_code == 200
+
+
+def is_loaded(r: httpx.Response) -> bool:
+    """Loading has ended, whatever the verdict."""
+    return bool(r.json()["status"] != "loading")
+
+
+@contextmanager
+def serve(log: Path, *args: str, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``python -m service serve`` on a free port, its output in ``log``; ready on entry."""
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DROPOUT_")}
+    cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), *args]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**clean, **env}, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        poll_readyz(url, is_ready, proc=proc, log=log)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

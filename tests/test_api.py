@@ -6,10 +6,13 @@ import math
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
+from service.engine import MC_CHUNK_ELEMENTS, MC_TILE_ELEMENTS
 from service.schemas import MCResponse, PredictResponse
+from service.settings import Settings
 
 MC_BODY = {"inputs": [[1.0, 2.0]], "n_samples": 200, "seed": 42}
 
@@ -44,6 +47,25 @@ def test_model_metadata(client: httpx.Client) -> None:
     assert meta["dropout_scaling"] == "inverted"
     assert len(meta["sha256"]) == 64
     assert client.get("/v1/models/clf").json()["labels"] == ["a", "b", "c"]
+
+
+def test_model_metadata_states_what_a_replay_depends_on(
+    client: httpx.Client, settings: Settings
+) -> None:
+    """DESIGN.md contract 6: the torch build, the CPU kind and the engine's shape constants."""
+    replay = client.get("/v1/models/deep").json()["replay"]
+    assert replay == {
+        "torch_version": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": "cpu",
+        "mask_mode": settings.mc_mask,
+        "mc_chunk_elements": MC_CHUNK_ELEMENTS,
+        "mc_tile_elements": MC_TILE_ELEMENTS,
+        "eval_block_rows": settings.eval_block_rows,
+    }
+    listed = {m["name"]: m["replay"] for m in client.get("/v1/models").json()["models"]}
+    assert listed["deep"] == replay
+    assert client.get("/v2/models/deep").json()["parameters"] == replay
 
 
 def test_predict_known_answer(client: httpx.Client) -> None:

@@ -264,6 +264,42 @@ BATTERY += [
     ),
 ]
 
+# Finite inputs whose outputs overflow inside the model: never an answer carrying null.
+HUGE = [3e38] * 5
+BATTERY += [
+    Bad(
+        "outputs-overflow-eval",
+        422,
+        "beyond float range for rows [1]",
+        ["body", "inputs", 1],
+        {"inputs": [[1, 2, 3, 4, 5], HUGE]},
+        path="/v1/models/clf/predict",
+    ),
+    Bad(
+        "outputs-overflow-mc",
+        422,
+        "beyond float range for rows [0, 1]",
+        ["body", "inputs", 0],
+        {"inputs": [HUGE, HUGE], "seed": 1},
+        path="/v1/models/clf/predict/mc",
+    ),
+    Bad(
+        "outputs-overflow-compare",
+        422,
+        "beyond float range for rows [0]",
+        ["body", "inputs", 0],
+        {"inputs": [HUGE]},
+        path="/v1/models/clf/compare",
+    ),
+    Bad(
+        "outputs-overflow-v2",
+        400,
+        "beyond float range for rows [0]",
+        body={"inputs": [{"name": "input", "shape": [1, 5], "datatype": "FP32", "data": HUGE}]},
+        path="/v2/models/clf/infer",
+    ),
+]
+
 # Open Inference Protocol (v2): bad input is its 400 {"error": ...} (tests/test_v2.py has the
 # protocol's own cases); these are the rows where the shared guards meet v2.
 V2_INFER = "/v2/models/tiny/infer"
@@ -343,3 +379,22 @@ def operations_matching(path: str) -> list[str]:
     if len(parts) < 4 or parts[1:3] != ["v1", "models"]:
         return []
     return ["/".join(["", "v1", "models", "{name}", *parts[4:]])]
+
+
+@pytest.mark.parametrize(
+    ("content_types", "status", "says"),
+    [
+        # The first Content-Type is what every part reads (as Starlette's Request.headers).
+        (["text/plain", "application/json"], 422, "body must be JSON, sent with Content-Type"),
+        (["application/json", "text/plain"], 422, "JSON nested 100 levels deep"),
+    ],
+)
+def test_repeated_headers_are_read_alike_by_every_part(
+    slow_client: httpx.Client, content_types: list[str], status: int, says: str
+) -> None:
+    headers = [("content-type", value) for value in content_types]
+    r = slow_client.post(PREDICT, content=nested(100).encode(), headers=headers)
+    assert r.status_code == status
+    assert says in " | ".join(messages(r.json()))
+    good = slow_client.post(PREDICT, content=json.dumps(GOOD).encode(), headers=headers)
+    assert good.status_code == (200 if content_types[0] == "application/json" else 422)

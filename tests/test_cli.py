@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,52 +11,19 @@ import httpx
 import pytest
 
 from service.repository import ModelRepository
+from tests.helpers import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Poll /readyz until 200; fail with the server's output if it exits or times out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-        time.sleep(0.1)
-    pytest.fail(f"{url} did not become ready in {timeout} s")
-
-
 @pytest.fixture(scope="module")
-def served() -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DROPOUT_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--port", str(port), "--models", "models"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, timeout=60)
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("serve") / "log"
+    with serve(log, "--models", "models") as (proc, url):
         yield url
-    finally:
         proc.terminate()
         code = proc.wait(timeout=30)
-        assert proc.stdout is not None
-        log = proc.stdout.read().decode()
-        proc.stdout.close()
-        assert code == 0, log[-2000:]  # SIGTERM is a graceful shutdown, not a crash
+        assert code == 0, log.read_text()[-2000:]  # SIGTERM is a graceful shutdown, not a crash
 
 
 def test_shipped_models_all_load() -> None:

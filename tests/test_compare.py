@@ -12,8 +12,7 @@ import torch
 from service.engine import MLPEngine
 from service.model import ModelConfig
 from service.runtime import train_pass_seeds
-from tests.helpers import LiveServer
-from tests.test_engine import cases, inputs
+from tests.helpers import LiveServer, cases, inputs
 
 ROWS = {
     "tiny": [[1.0, 2.0], [0.5, -1.0], [3.0, 0.0]],

@@ -28,7 +28,7 @@ import torch
 
 from service.repository import load_model
 from tests.dockerfile import DockerIgnore, Stage, parse
-from tests.test_cli import free_port, wait_ready
+from tests.helpers import free_port, is_ready, poll_readyz
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -291,7 +291,7 @@ def container(image: Image) -> Iterator[Container]:
             assert time.monotonic() < deadline, "unshare did not fork"
             time.sleep(0.05)
         box = Container(proc, children(proc.pid)[0], f"http://127.0.0.1:{port}", port)
-        wait_ready(box.url, proc, timeout=240)  # two workers import torch on a shared box
+        poll_readyz(box.url, is_ready, timeout=240, proc=proc)  # two workers import torch
         yield box
     finally:
         if proc.poll() is None:

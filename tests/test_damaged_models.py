@@ -20,7 +20,15 @@ import torch
 
 from service.repository import sha256_of
 from service.settings import Settings
-from tests.helpers import live_server, tiny_regression_config, tiny_tensors, write_model
+from tests.helpers import (
+    is_loaded,
+    live_server,
+    poll_readyz,
+    serve,
+    tiny_regression_config,
+    tiny_tensors,
+    write_model,
+)
 
 Damage = Callable[[Path], None]
 
@@ -110,21 +118,12 @@ def damaged_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def loaded_readyz(url: str) -> httpx.Response:
-    for _ in range(1000):
-        r = httpx.get(f"{url}/readyz")
-        if r.json()["status"] != "loading":
-            return r
-        httpx.get(f"{url}/healthz")  # a pause that also proves liveness
-    raise AssertionError("models never finished loading")
-
-
 def test_every_damaged_model_is_refused_logged_and_reported(
     damaged_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, logger="service.repository")
     with live_server(Settings(model_dir=damaged_root), wait_ready=False) as s:
-        r = loaded_readyz(s.url)
+        r = poll_readyz(s.url, is_loaded)
         good = httpx.post(f"{s.url}/v1/models/tiny/predict", json={"inputs": [[1, 2]]})
         refused = httpx.post(f"{s.url}/v1/models/pickle/predict", json={"inputs": [[1, 2]]})
 
@@ -156,3 +155,50 @@ def test_partial_ready_policy_serves_the_good_model(damaged_root: Path) -> None:
         r = httpx.post(f"{s.url}/v1/models/tiny/predict/mc", json={"inputs": [[1, 2]], "seed": 1})
         assert r.status_code == 200
     assert not list(damaged_root.rglob("*_RAN"))
+
+
+def unreadable_weights(folder: Path) -> None:
+    """A weights path that exists as a file but fails every read (EIO), even for root."""
+    path = folder / "weights.safetensors"
+    path.unlink()
+    path.symlink_to("/proc/self/mem")
+
+
+def test_a_folder_failing_in_an_unforeseen_way_is_refused_and_the_rest_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_model(tmp_path, tiny_regression_config(), tiny_tensors())
+    write_model(tmp_path, tiny_regression_config(name="unreadable"), tiny_tensors())
+    unreadable_weights(tmp_path / "unreadable")
+    caplog.set_level(logging.ERROR, logger="service.repository")
+    with live_server(Settings(model_dir=tmp_path), wait_ready=False) as s:
+        r = poll_readyz(s.url, is_loaded, timeout=20)
+        good = httpx.post(f"{s.url}/v1/models/tiny/predict", json={"inputs": [[1, 2]]})
+    assert r.status_code == 503
+    assert r.json()["models"] == ["tiny"]
+    assert "weights.safetensors" in r.json()["failed"]["unreadable"]
+    assert any(rec.getMessage().startswith("refused model unreadable: ") for rec in caplog.records)
+    assert good.json()["outputs"] == [[6.5]]
+
+
+def test_changing_the_files_of_a_served_model_changes_no_answer(tmp_path: Path) -> None:
+    """Tensors are the process's own once loaded: overwriting the weights with others, then
+    truncating the file (as a copy or `train --out` over a served folder does first) must
+    neither change an answer nor stop the server. A separate process: a SIGBUS would kill it."""
+    root = tmp_path / "models"
+    write_model(root, tiny_regression_config(), tiny_tensors())
+    weights = root / "tiny" / "weights.safetensors"
+    body = {"inputs": [[1, 2], [3, -4]], "n_samples": 50, "seed": 9}
+    with serve(tmp_path / "log", "--models", str(root)) as (proc, url):
+        before = httpx.post(f"{url}/v1/models/tiny/predict/mc", json=body).json()
+        other = {k: v * 3 + 1 for k, v in tiny_tensors().items()}
+        write_model(tmp_path / "elsewhere", tiny_regression_config(), other)
+        weights.write_bytes((tmp_path / "elsewhere" / "tiny" / "weights.safetensors").read_bytes())
+        assert httpx.post(f"{url}/v1/models/tiny/predict/mc", json=body).json() == before
+        with weights.open("r+b") as f:
+            f.truncate(0)
+        after = httpx.post(f"{url}/v1/models/tiny/predict/mc", json=body)
+        assert proc.poll() is None, (tmp_path / "log").read_text()[-2000:]
+        assert after.json() == before
+        eval_ = httpx.post(f"{url}/v1/models/tiny/predict", json={"inputs": [[1, 2]]}).json()
+        assert eval_["outputs"] == [[6.5]]

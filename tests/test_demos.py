@@ -12,6 +12,7 @@ from service.cli import main
 from service.demos import SINE_INTERVALS, ood_images, sine_gap_data, train_digits, train_sine_gap
 from service.repository import load_model
 from service.training import TrainOptions
+from tests.helpers import write_uci_folder
 
 QUICK = TrainOptions(
     hidden=(32,), dropout=0.2, input_dropout=False, epochs=4, mc_samples=50, progress=False
@@ -69,3 +70,26 @@ def test_cli_train_sine_gap_is_reproducible(tmp_path: Path) -> None:
     a, b = (json.loads((tmp_path / d / "sine-gap" / "config.json").read_text()) for d in "ab")
     assert a["sha256"] == b["sha256"]
     assert a["metrics"] == b["metrics"]
+
+
+@pytest.mark.parametrize("command", ["train-digits", "train-sine-gap", "train"])
+def test_every_training_flag_reaches_the_model(tmp_path: Path, command: str) -> None:
+    """No flag is accepted and ignored: each shows in the written config."""
+    out = tmp_path / "model"
+    data = []
+    if command == "train":
+        data = [str(write_uci_folder(tmp_path / "uci", rows=60, train_rows=50, splits=1,
+                                     noise=0.1, seed=0)), "--no-input-dropout"]  # fmt: skip
+    flags = ["--hidden", "16", "8", "--dropout", "0.3", "--scaling", "vanilla", "--version", "7"]
+    flags += ["--epochs", "2", "--mc-samples", "20", "--seed", "5", "--batch-size", "16"]
+    flags += ["--lr", "0.002", "--weight-decay", "0.0001", "--quiet", "--out", str(out)]
+    assert main([command, *data, *flags]) == 0
+    config = load_model(out).config
+    assert config.hidden == [16, 8]
+    assert config.dropout == [0.3, 0.3]
+    assert config.input_dropout == 0.0
+    assert config.dropout_scaling == "vanilla"
+    assert config.version == "7"
+    options = config.training["options"]
+    assert (options["epochs"], options["mc_samples"], options["seed"]) == (2, 20, 5)
+    assert (options["batch_size"], options["lr"], options["weight_decay"]) == (16, 0.002, 0.0001)

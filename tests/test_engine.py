@@ -6,47 +6,16 @@ import pytest
 import torch
 
 from service.engine import MLPEngine, entropy
-from service.model import ModelConfig, build_sequential, load_into_sequential
+from service.model import ModelConfig
 from tests.helpers import (
-    classifier_config,
+    cases,
     deep_regression_config,
+    inputs,
     random_tensors,
+    reference_eval,
     tiny_regression_config,
     tiny_tensors,
 )
-
-
-def reference_eval(
-    config: ModelConfig, tensors: dict[str, torch.Tensor], x: torch.Tensor
-) -> torch.Tensor:
-    """The same weights in a plain nn.Sequential in eval mode, with the config's transforms."""
-    seq = build_sequential(config)
-    load_into_sequential(seq, tensors)
-    seq.eval()
-    if s := config.input_standardization:
-        x = (x - torch.tensor(s.mean)) / torch.tensor(s.std)
-    with torch.no_grad():
-        y = seq(x)
-    if config.task == "classification":
-        return torch.softmax(y, dim=-1)
-    if s := config.target_standardization:
-        y = y * torch.tensor(s.std) + torch.tensor(s.mean)
-    return y
-
-
-def cases() -> list[tuple[ModelConfig, dict[str, torch.Tensor]]]:
-    deep, clf = deep_regression_config(), classifier_config()
-    vanilla = deep_regression_config(dropout_scaling="vanilla")
-    return [
-        (tiny_regression_config(), tiny_tensors()),
-        (deep, random_tensors(deep, 1)),
-        (clf, random_tensors(clf, 2)),
-        (vanilla, random_tensors(vanilla, 1)),
-    ]
-
-
-def inputs(config: ModelConfig, rows: int = 17, seed: int = 0) -> torch.Tensor:
-    return torch.randn(rows, config.input_dim, generator=torch.Generator().manual_seed(seed)) * 2
 
 
 def test_tiny_model_known_answer() -> None:

@@ -4,10 +4,13 @@ recover. (413 for a large body is in test_api.)"""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
+import torch
 
+from service.repository import load_model
 from service.settings import Settings
 from tests.helpers import live_server, scrape
 
@@ -61,3 +64,30 @@ def test_request_past_its_deadline_is_504_and_the_service_recovers(
             if r.status_code == 200:
                 break
         assert r.status_code == 200
+
+
+def test_a_request_past_its_deadline_stops_computing_and_frees_its_slot_when_stopped(
+    wide_model_dir: Path,
+) -> None:
+    """After a 504 the inference thread is free again: the next request (the only one the
+    queue admits) is answered in about its own compute time, not after the abandoned one."""
+    long_body = {"inputs": [ROW] * 16, "n_samples": 10_000, "seed": 3}
+    short_body = {"inputs": [ROW], "n_samples": 2000, "seed": 4}
+    engine = load_model(wide_model_dir / "wide").engine
+    start = time.perf_counter()
+    engine.predict_mc(torch.tensor(long_body["inputs"]), 10_000, 3)
+    long_s = time.perf_counter() - start
+    assert engine.mc_macs(1, 2000) > Settings().inline_max_macs  # both leave the event loop
+
+    settings = Settings(
+        model_dir=wide_model_dir,
+        request_timeout_s=min(0.25, long_s / 4),
+        max_queue_size=1,
+        torch_threads=1,
+    )
+    with live_server(settings) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        assert c.post(MC, json=long_body).status_code == 504
+        short = c.post(MC, json=short_body)
+        assert short.status_code == 200, short.text
+        assert short.elapsed.total_seconds() < long_s / 3, (short.elapsed, long_s)
+        assert scrape(s.url)[("dropout_inference_pending_requests", (("model", "wide"),))] == 0

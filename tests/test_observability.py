@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from service.accesslog import LOGGER, BatchedStdout
+from service.repository import load_model
 from service.settings import Settings
 from tests.helpers import LiveServer, live_server, scrape
 
@@ -150,3 +154,77 @@ def test_stdout_lines_are_gathered_on_the_loop_and_written_together(
         assert ours(capsys.readouterr().out) == ["outside any loop"]
     finally:
         logger.removeHandler(handler)
+
+
+def send_and_hang_up(url: str, path: str, body: bytes, *, send: int, wait_s: float) -> None:
+    """A client that sends ``send`` bytes of ``body`` (after complete headers), waits, and
+    closes the connection without reading an answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        head = (
+            f"POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body[:send])
+        time.sleep(wait_s)
+
+
+def statuses(before: dict[Any, float], after: dict[Any, float]) -> dict[str, float]:
+    """Requests answered between two scrapes, by status."""
+    counts: dict[str, float] = {}
+    for (name, labels), value in after.items():
+        if name == "dropout_http_requests_total":
+            status = dict(labels)["status"]
+            counts[status] = counts.get(status, 0) + value - before.get((name, labels), 0)
+    return {k: v for k, v in counts.items() if v}
+
+
+def test_a_client_that_hangs_up_is_counted_as_499_and_its_work_stops(
+    wide_model_dir: Path, access_lines: Lines
+) -> None:
+    row = [0.5, -1.0, 2.0, 0.25, 1.0, 0.0, -2.0, 3.0]
+    long_body = {"inputs": [row] * 16, "n_samples": 10_000, "seed": 3}
+    engine = load_model(wide_model_dir / "wide").engine
+    start = time.perf_counter()
+    engine.predict_mc(torch.tensor(long_body["inputs"]), 10_000, 3)
+    long_s = time.perf_counter() - start
+
+    settings = Settings(model_dir=wide_model_dir, torch_threads=1, max_queue_size=1)
+    with live_server(settings) as s:
+        before = scrape(s.url)
+        mc = json.dumps(long_body).encode()
+        # Mid-body, on v1 and v2 (whose handler reads the body itself).
+        send_and_hang_up(s.url, "/v1/models/wide/predict/mc", mc, send=10, wait_s=0.1)
+        send_and_hang_up(s.url, "/v2/models/wide/infer", mc, send=10, wait_s=0.1)
+        # After the whole request, while its MC job computes: the job stops, and its slot
+        # (the only one) is free again long before the job would have ended.
+        send_and_hang_up(s.url, "/v1/models/wide/predict/mc", mc, send=len(mc), wait_s=0.1)
+        hung_up = time.perf_counter()
+        pending = ("dropout_inference_pending_requests", (("model", "wide"),))
+        while scrape(s.url)[pending] and time.perf_counter() - hung_up < long_s:
+            time.sleep(0.005)
+        assert time.perf_counter() - hung_up < long_s / 3, long_s
+        short = httpx.post(
+            f"{s.url}/v1/models/wide/predict/mc",
+            json={"inputs": [row], "n_samples": 2000, "seed": 4},
+            timeout=30,
+        )
+        assert short.status_code == 200, short.text
+        lines = access_lines.wait_for(6)
+        after = scrape(s.url)
+    answered = statuses(before, after)
+    assert answered.pop("499") == 3
+    assert answered.pop("200") >= 2  # the short request and the scrapes
+    assert [line["status"] for line in lines].count(499) == 3
+
+
+def test_access_logging_is_set_per_app(model_dir: Path, access_lines: Lines) -> None:
+    logged = Settings(model_dir=model_dir, access_log=True)
+    silent = Settings(model_dir=model_dir, access_log=False)
+    with live_server(logged) as a, live_server(silent) as b:  # b is created last
+        httpx.get(f"{a.url}/healthz", headers={"X-Request-ID": "from-a"})
+        httpx.get(f"{b.url}/healthz", headers={"X-Request-ID": "from-b"})
+        httpx.get(f"{a.url}/healthz", headers={"X-Request-ID": "from-a-again"})
+        ids = {line["request_id"] for line in access_lines.wait_for(4)}
+    assert {"from-a", "from-a-again"} <= ids
+    assert "from-b" not in ids

@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 
 from service.engine import MLPEngine
 from service.model import ModelConfig, Standardization
-from tests.helpers import SHA_PLACEHOLDER, random_tensors
-from tests.test_engine import reference_eval
+from tests.helpers import SHA_PLACEHOLDER, random_tensors, reference_eval
 
 EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "40"))
 PROPERTY = settings(

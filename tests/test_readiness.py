@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
-import time
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from service.settings import Settings
-from tests.helpers import live_server, tiny_regression_config, tiny_tensors, write_model
+from tests.helpers import (
+    is_loaded,
+    live_server,
+    poll_readyz,
+    tiny_regression_config,
+    tiny_tensors,
+    write_model,
+)
 
 
 @pytest.fixture
@@ -24,12 +34,7 @@ def damaged_root(tmp_path: Path) -> Path:
 
 def test_a_refused_model_makes_the_service_not_ready(damaged_root: Path) -> None:
     with live_server(Settings(model_dir=damaged_root), wait_ready=False) as s:
-        # Poll until loading finished (the body leaves "loading"), then check the verdict.
-        for _ in range(500):
-            r = httpx.get(f"{s.url}/readyz")
-            if r.json()["status"] != "loading":
-                break
-            time.sleep(0.01)
+        r = poll_readyz(s.url, is_loaded)
         assert r.status_code == 503
         assert r.headers["retry-after"] == "1"
         body = r.json()
@@ -51,9 +56,30 @@ def test_partial_readiness_when_allowed(damaged_root: Path) -> None:
 
 def test_empty_repository_is_not_ready(tmp_path: Path) -> None:
     with live_server(Settings(model_dir=tmp_path), wait_ready=False) as s:
-        for _ in range(500):
-            r = httpx.get(f"{s.url}/readyz")
-            if r.json()["status"] != "loading":
-                break
-            time.sleep(0.01)
+        r = poll_readyz(s.url, is_loaded)
         assert r.status_code == 503
+
+
+def unusable_devices() -> list[str]:
+    """Devices this machine cannot serve on: an absent CUDA index, and CUDA where none is."""
+    return ["cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+
+
+@pytest.mark.parametrize("device", unusable_devices())
+def test_an_unusable_device_stops_the_start_with_a_clear_message(
+    tmp_path: Path, device: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DROPOUT_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--models", str(tmp_path), "--port", "0"],
+        env={**env, "DROPOUT_DEVICE": device},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"DROPOUT_DEVICE={device}" in done.stderr
+    assert "Traceback" not in done.stderr
+    # The app factory's own start (without the CLI) refuses it too, before loading anything.
+    with pytest.raises(RuntimeError, match="did not start"):
+        live_server(Settings(model_dir=tmp_path, device=device)).__enter__()

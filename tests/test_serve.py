@@ -5,51 +5,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
 from service.settings import Settings
-from tests.helpers import live_server, scrape
-from tests.test_cli import free_port
+from tests.helpers import live_server, scrape, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW = [0.5, -1.0, 2.0, 0.25, 1.0, 0.0, -2.0, 3.0]
 LONG_MC = {"inputs": [ROW] * 4, "n_samples": 10_000, "seed": 5}
 PENDING = ("dropout_inference_pending_requests", (("model", "wide"),))
-
-
-@contextmanager
-def serve(log: Path, *args: str, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """``python -m service serve`` on a free port, its output in ``log``; ready on entry."""
-    port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DROPOUT_")}
-    cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), *args]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**clean, **env}, stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "service did not become ready"
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def worker_pids(pid: int) -> list[int]:

@@ -369,6 +369,17 @@ def test_binary_request_and_response_by_hand(client: httpx.Client) -> None:
             {},
             "inputs ['input', 'b']: model 'tiny' takes one input",
         ),
+        # An integer past float64's range: Python parses it, torch.tensor would overflow.
+        (
+            TINY_JSON.replace(b'"data": [1, 2]', b'"data": [1, 1' + b"0" * 400 + b"]"),
+            {},
+            "input 'input': holds a number beyond FP32 range",
+        ),
+        (
+            TINY_JSON.replace(b'"data": [1, 2]', b'"data": [[1], [-1' + b"0" * 400 + b"]]"),
+            {},
+            "input 'input': holds a number beyond FP32 range",
+        ),
     ],
 )
 def test_bad_bodies_are_400_error_objects(

@@ -12,6 +12,8 @@ from service.api.deps import RuntimeDep, runtime_of
 from service.engine import MCResult
 from service.model import ModelConfig
 from service.outputs import mc_outputs
+from service.repository import LoadedModel
+from service.runtime import Runtime
 from service.schemas import (
     CompareRequest,
     CompareResponse,
@@ -23,6 +25,7 @@ from service.schemas import (
     ModelMetadata,
     PredictRequest,
     PredictResponse,
+    ReplayScope,
     ValidationErrorBody,
 )
 
@@ -44,7 +47,8 @@ _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def metadata(config: ModelConfig) -> ModelMetadata:
+def metadata(runtime: Runtime, model: LoadedModel) -> ModelMetadata:
+    config = model.config
     return ModelMetadata(
         name=config.name,
         version=config.version,
@@ -60,6 +64,7 @@ def metadata(config: ModelConfig) -> ModelMetadata:
         noise_variance=config.noise_variance,
         sha256=config.sha256,
         metrics=config.metrics,
+        replay=ReplayScope.model_validate(runtime.replay_scope(model)),
     )
 
 
@@ -67,13 +72,13 @@ def metadata(config: ModelConfig) -> ModelMetadata:
 async def list_models(runtime: RuntimeDep) -> ModelList:
     """Every model being served."""
     repo = runtime.repository
-    return ModelList(models=[metadata(m.config) for m in repo] if repo else [])
+    return ModelList(models=[metadata(runtime, m) for m in repo] if repo else [])
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=_NOT_FOUND)
 async def get_model(runtime: RuntimeDep, name: str = ModelName) -> ModelMetadata:
     """One model's metadata."""
-    return metadata(runtime.model(name).config)
+    return metadata(runtime, runtime.model(name))
 
 
 # The two predict routes are the hot path. A well-formed request is answered by

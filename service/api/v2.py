@@ -108,7 +108,7 @@ ServedModel = Annotated[LoadedModel, Depends(served)]
 _VERSIONED: dict[str, Any] = {"dependencies": [Depends(_version)]}
 
 
-def model_metadata(config: ModelConfig) -> ModelMetadata:
+def model_metadata(config: ModelConfig, replay: dict[str, str | int]) -> ModelMetadata:
     rows, out = -1, config.output_dim
     mc = ["mean", "variance", "std"]
     if config.noise_variance is not None:
@@ -129,6 +129,7 @@ def model_metadata(config: ModelConfig) -> ModelMetadata:
             TensorMetadata(name=INPUT, datatype=INPUT_DATATYPE, shape=[rows, config.input_dim])
         ],
         outputs=outputs,
+        parameters=dict(replay),
     )
 
 
@@ -162,9 +163,10 @@ async def server_metadata() -> ServerMetadata:
     responses=_ERRORS,
     **_VERSIONED,
 )
-async def get_model(model: ServedModel) -> ModelMetadata:
-    """Inputs and outputs with datatypes and shapes (-1: any number of rows)."""
-    return model_metadata(model.config)
+async def get_model(model: ServedModel, runtime: RuntimeDep) -> ModelMetadata:
+    """Inputs and outputs with datatypes and shapes (-1: any number of rows), and in
+    `parameters` what a replay of an answer depends on."""
+    return model_metadata(model.config, runtime.replay_scope(model))
 
 
 @router.get("/models/{name}/ready", response_model=ModelReady, responses=_ERRORS)
