@@ -20,7 +20,7 @@ from service.accesslog import Observed, configure_access_log, flush_access_log
 from service.api import health, v1, v2
 from service.errors import install_error_handlers
 from service.fastpath import FastPredict
-from service.limits import BodySizeLimit, JSONGuard
+from service.limits import BodyLimits, JSONGuard
 from service.metrics import Metrics
 from service.repository import ModelRepository
 from service.runtime import Runtime
@@ -100,13 +100,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def known_model(name: str) -> bool:
         return runtime.repository is not None and name in runtime.repository.models
 
-    # Added first, so innermost: it buffers only what BodySizeLimit let through.
+    # Added first, so innermost: it buffers only what BodyLimits let through.
     app.add_middleware(JSONGuard, max_depth=settings.max_json_depth)
     routes = {getattr(route, "path", ""): route for route in v1.router.routes}
     app.add_middleware(
         FastPredict, runtime=runtime, routes=routes, max_json_depth=settings.max_json_depth
     )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimits, max_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s
+    )
     configure_access_log()
     # Outermost: its request id, latency and status cover the whole answer.
     app.add_middleware(

@@ -26,6 +26,8 @@ WORKER_HEALTHCHECK_TIMEOUT_S = 60
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.server import uvicorn_options
+
     # Flags become settings through the environment, so every worker process sees them.
     flags = {
         "host": args.host,
@@ -49,15 +51,12 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn.run(
         "service.app:create_app",
         factory=True,
-        host=settings.host,
-        port=settings.port,
         workers=settings.workers,
-        log_level=settings.log_level,
-        access_log=False,  # service.accesslog writes one JSON line per request instead
         # With --workers > 1 the supervisor kills a worker that does not answer its ping in
         # time; uvicorn's 5 s is shorter than importing torch on a busy or CPU-limited box,
         # which left every worker in a kill-and-respawn loop (tests/test_container.py).
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S,
+        **uvicorn_options(settings),
     )
     return 0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -111,7 +111,7 @@ def v2_error_response(exc: Exception) -> JSONResponse | None:
 
     The protocol answers bad input with 400 (v1 says 422); the other statuses are v1's.
     """
-    headers = None
+    headers: Mapping[str, str] | None = None
     if isinstance(exc, ServiceError):
         status = 400 if isinstance(exc, InvalidInput) else STATUS[type(exc)]
         message = str(exc)
@@ -120,7 +120,7 @@ def v2_error_response(exc: Exception) -> JSONResponse | None:
     elif isinstance(exc, RequestValidationError | ValidationError):
         status, message = 400, _describe(exc.errors())
     elif isinstance(exc, HTTPException):
-        status, message = exc.status_code, str(exc.detail)
+        status, message, headers = exc.status_code, str(exc.detail), exc.headers
     else:
         return None
     return JSONResponse({"error": message}, status_code=status, headers=headers)

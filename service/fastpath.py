@@ -13,7 +13,7 @@ parameter FastAPI would refuse, no Content-Length (a chunked body), a Content-Ty
 JSON, a body that does not validate or that ``JSONGuard`` would refuse. Errors the runtime
 raises (unknown model, wrong width, overload, deadline) get ``error_response``, the answer
 FastAPI's handlers give them.
-It sits inside ``BodySizeLimit`` (a Content-Length over the limit never reaches it) and
+It sits inside ``BodyLimits`` (a Content-Length over the limit never reaches it) and
 outside ``JSONGuard`` (pydantic's JSON parser does not recurse; what it refuses goes on).
 """
 
@@ -24,13 +24,12 @@ from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.v1 import MODEL_NAME_MAX, eval_fields, mc_fields
 from service.asgi import header, headers, read_body, replay
 from service.errors import ServiceError, error_response, is_json_media_type
-from service.limits import json_problem
+from service.limits import http_error_response, json_problem
 from service.runtime import Runtime
 from service.schemas import MCRequest, PredictRequest
 
@@ -64,8 +63,8 @@ class FastPredict:
             return
         try:
             body = await read_body(receive)
-        except HTTPException as exc:  # BodySizeLimit: more bytes came than Content-Length said
-            await JSONResponse({"detail": exc.detail}, exc.status_code)(scope, receive, send)
+        except HTTPException as exc:  # BodyLimits: a body over the limit, or too slow
+            await http_error_response(exc)(scope, receive, send)
             return
         if body is None:  # the client went away mid-body: nobody to answer
             return

@@ -1,6 +1,7 @@
 """Limits that keep the service answering under any load and any input.
 
-* ``BodySizeLimit``: bodies over the limit get 413 before they are parsed.
+* ``BodyLimits``: bodies over the limit get 413 before they are parsed; bodies that do not
+  arrive in time get 408.
 * ``JSONGuard``: JSON bodies that are not UTF-8 or nest too deep get a 422 (v2: 400) before
   any parser runs; checked in linear time without recursion.
 * ``Admission``: a bounded number of requests per model in the runtime at once (queued or
@@ -38,12 +39,15 @@ _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 
 
-class BodySizeLimit:
-    """Refuse bodies over ``max_bytes``: at once by Content-Length, else while streaming."""
+class BodyLimits:
+    """Refuse bodies over ``max_bytes`` with 413: at once by Content-Length, else while
+    streaming. A body not complete ``read_timeout_s`` after its headers gets 408, and the
+    connection closes: a client that stalls mid-body holds nothing for long."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,15 +58,24 @@ class BodySizeLimit:
             await self._too_large()(scope, receive, send)
             return
         received = 0
+        complete = False
+        deadline = asyncio.get_running_loop().time() + self.read_timeout_s
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # past the body: a wait for the disconnect, which may be long
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                # FastAPI re-raises HTTPException from body reading; the app answers 408.
+                raise HTTPException(408, self._late(), {"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    # FastAPI re-raises HTTPException from body reading; the app answers 413.
                     raise HTTPException(413, self._detail())
+                complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited, send)
@@ -70,8 +83,16 @@ class BodySizeLimit:
     def _detail(self) -> str:
         return f"request body over the limit of {self.max_bytes} bytes"
 
+    def _late(self) -> str:
+        return f"request body not received within {self.read_timeout_s:g} s"
+
     def _too_large(self) -> JSONResponse:
         return JSONResponse({"detail": self._detail()}, status_code=413)
+
+
+def http_error_response(exc: HTTPException) -> JSONResponse:
+    """The answer to an HTTPException raised while reading a body (413, 408)."""
+    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
 
 
 def json_depth(body: bytes) -> int:
@@ -103,7 +124,7 @@ class JSONGuard:
 
     Python's JSON parser recurses once per level: a body of ``[[[[...`` would otherwise end
     in a RecursionError inside FastAPI, answered as an undocumented 400 at a depth that
-    depends on the stack at hand. Sits inside ``BodySizeLimit``, so the body it buffers is
+    depends on the stack at hand. Sits inside ``BodyLimits``, so the body it buffers is
     bounded (and a body over the limit still gets its 413).
     """
 
@@ -117,8 +138,8 @@ class JSONGuard:
             return
         try:
             body = await read_body(receive)
-        except HTTPException as exc:  # BodySizeLimit signals a streamed body over the limit
-            await JSONResponse({"detail": exc.detail}, exc.status_code)(scope, receive, send)
+        except HTTPException as exc:  # BodyLimits: a body over the limit, or too slow
+            await http_error_response(exc)(scope, receive, send)
             return
         if body is None:  # the client went away mid-body: nobody to answer
             return

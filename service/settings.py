@@ -86,6 +86,16 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Deadline for a request's queueing and compute (504)."
     )
+    read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Deadline for a request's headers (from the connection's start or the "
+        "request's first byte) and again for its body; past it 408 and the connection closes.",
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Most open connections per worker; the next gets 503."
+    )
     access_log: bool = Field(True, description="One JSON access-log line per request, stdout.")
     mc_mask: Literal["packed", "torch"] = Field(
         "torch",

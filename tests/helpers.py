@@ -29,6 +29,7 @@ from service.model import (
     weight_name,
 )
 from service.repository import save_model
+from service.server import uvicorn_options
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +154,8 @@ class LiveServer:
 
     def __init__(self, settings: Settings) -> None:
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
+        options = uvicorn_options(settings, host="127.0.0.1", port=0, log_level="warning")
+        config = uvicorn.Config(self.app, **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.exit_code: int | str | None = None

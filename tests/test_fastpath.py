@@ -153,7 +153,7 @@ def test_a_body_cut_off_by_the_size_limit_gets_413(fast: tuple[FastPredict, Inne
     }
     sent: list[dict[str, Any]] = []
 
-    async def receive() -> dict[str, Any]:  # what BodySizeLimit's receive does past the limit
+    async def receive() -> dict[str, Any]:  # what BodyLimits's receive does past the limit
         raise HTTPException(413, "request body over the limit of 10 bytes")
 
     async def send(message: dict[str, Any]) -> None:
