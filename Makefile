@@ -1,9 +1,15 @@
 # Two commands: `make run` serves models/ on 127.0.0.1:8000, `make test` runs every check.
-# Both create .venv on first use and install with constraints.txt (CPU torch, exact pins).
+# Both create .venv on first use and install with constraints.txt (torch==2.13.0, exact pins).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+# PyPI's torch 2.13.0 for Linux x86-64 is the CUDA build (several GB with its nvidia-*
+# packages). Name PyTorch's CPU index to get the 2.13.0+cpu build instead, which the pin
+# admits (the Dockerfile takes the same build argument):
+#   make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt \
+          $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 
 .PHONY: run test lint format bench clean fuzz soak
 

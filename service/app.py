@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import __version__
 from service.accesslog import Observed, configure_access_log, flush_access_log
@@ -54,9 +54,7 @@ async def load_models(app: FastAPI) -> None:
         repo = ModelRepository(failures={"(repository)": f"could not be read: {reason}"})
     for model in repo:
         c = model.config
-        metrics.model_info.labels(c.name).info(
-            {"version": c.version, "sha256": c.sha256, "task": c.task}
-        )
+        metrics.model_info.labels(c.name, c.version, c.sha256, c.task).set(1)
     runtime.repository = repo
 
 
@@ -74,6 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         loading.cancel()
         app.state.runtime.close()
+        app.state.metrics.close()
         flush_access_log()
 
 
@@ -95,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", tags=["health"], response_class=Response)
     async def prometheus() -> Response:
         """Prometheus text exposition."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     def known_model(name: str) -> bool:
         return runtime.repository is not None and name in runtime.repository.models

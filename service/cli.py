@@ -26,7 +26,7 @@ WORKER_HEALTHCHECK_TIMEOUT_S = 60
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.server import uvicorn_options
+    from service.server import metrics_dir, uvicorn_options
 
     # Flags become settings through the environment, so every worker process sees them.
     flags = {
@@ -48,16 +48,17 @@ def _serve(args: argparse.Namespace) -> int:
     # handler it found; a no-op one makes that graceful shutdown exit 0, as platforms expect.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        workers=settings.workers,
-        # With --workers > 1 the supervisor kills a worker that does not answer its ping in
-        # time; uvicorn's 5 s is shorter than importing torch on a busy or CPU-limited box,
-        # which left every worker in a kill-and-respawn loop (tests/test_container.py).
-        timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S,
-        **uvicorn_options(settings),
-    )
+    with metrics_dir(settings.workers):
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            workers=settings.workers,
+            # With --workers > 1 the supervisor kills a worker that does not answer its ping
+            # in time; uvicorn's 5 s is shorter than importing torch on a busy or CPU-limited
+            # box, which left every worker in a kill-and-respawn loop (test_container.py).
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S,
+            **uvicorn_options(settings),
+        )
     return 0
 
 

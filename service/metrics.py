@@ -1,13 +1,23 @@
-"""Prometheus metrics: one registry per app (``accesslog.Observed`` feeds the HTTP ones)."""
+"""Prometheus metrics: one registry per app (``accesslog.Observed`` feeds the HTTP ones).
+
+With several worker processes (``serve --workers N``) each worker writes its values to files
+in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, set up by the
+command line before the workers start) and every scrape, whichever worker answers it, adds
+up all of them.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import Scope
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -40,9 +50,19 @@ class Metrics:
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "dropout_http_requests_in_flight", "Requests being handled.", registry=self.registry
+            "dropout_http_requests_in_flight",
+            "Requests being handled.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
-        self.model_info = Info("dropout_model", "Models served.", ("name",), registry=self.registry)
+        # A gauge of 1 per model rather than an Info, which multiprocess mode cannot carry.
+        self.model_info = Gauge(
+            "dropout_model_info",
+            "Models served: 1 per name, version, sha256 and task.",
+            ("name", "version", "sha256", "task"),
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         # Runtime: labelled by model and kind ("eval" or "mc"), whichever protocol asked.
         self.queue_wait = Histogram(
             "dropout_inference_queue_wait_seconds",
@@ -84,6 +104,7 @@ class Metrics:
             "Requests admitted for a model and not yet answered (queued or computing).",
             ("model",),
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.rejected = Counter(
             "dropout_inference_rejected_requests",
@@ -93,9 +114,23 @@ class Metrics:
         )
         self.torch_threads = Gauge(
             "dropout_torch_threads",
-            "Intra-op torch threads of this worker process.",
+            "Threads over which one MC request of a worker spreads its tiles.",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of this app, or of every worker in multiprocess mode."""
+        if os.environ.get(MULTIPROC_DIR):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    def close(self) -> None:
+        """At a worker's shutdown: its live gauges leave the sums of the other workers."""
+        if os.environ.get(MULTIPROC_DIR):
+            mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     def child(self, metric: M, *values: str) -> M:
         """``metric.labels(*values)``, memoised: label sets here are bounded (route templates,

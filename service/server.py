@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.metrics import MULTIPROC_DIR
 from service.settings import Settings
 
 
@@ -87,3 +94,25 @@ def uvicorn_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "limit_concurrency": settings.max_connections + 1,
     }
     return {**options, **overrides}
+
+
+@contextmanager
+def metrics_dir(workers: int) -> Iterator[None]:
+    """With several workers, a folder where each writes its metrics, so that any worker's
+    /metrics counts them all (prometheus_client's multiprocess mode). The workers inherit
+    ``PROMETHEUS_MULTIPROC_DIR``; a folder the operator named is emptied first, as
+    prometheus_client requires, and one made here is removed at the end."""
+    if workers == 1 and not os.environ.get(MULTIPROC_DIR):
+        yield
+        return
+    named = os.environ.get(MULTIPROC_DIR)
+    folder = Path(named) if named else Path(tempfile.mkdtemp(prefix="dropout-service-metrics-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_DIR] = str(folder)
+    try:
+        yield
+    finally:
+        if not named:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.cpus import available_cpus
 
 
 class Settings(BaseSettings):
@@ -110,8 +111,9 @@ class Settings(BaseSettings):
         return self
 
     def intra_op_threads(self) -> int:
-        """Intra-op torch threads per worker: the setting, else the cores shared by the workers."""
-        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        """Tile threads per worker: the setting, else the usable CPUs shared by the workers
+        (a container's CPU quota, not the host's core count)."""
+        return self.torch_threads or max(1, available_cpus() // self.workers)
 
     def torch_device(self) -> str:
         """The device to load models on; ``auto`` takes CUDA when torch sees one. Raises

@@ -117,6 +117,29 @@ def test_runtime_stage_is_hardened() -> None:
         RUNTIME.exec_form(keyword)  # exec form, or this raises
 
 
+@pytest.mark.parametrize("target", ["run", "test"])
+def test_make_and_the_dockerfile_honour_one_torch_index_knob(tmp_path: Path, target: str) -> None:
+    """TORCH_INDEX_URL: a make variable (or environment variable) and the Dockerfile's build
+    argument of the same name; unset, make installs from the machine's own indexes."""
+
+    def pip_lines(*variables: str) -> list[str]:
+        dry = subprocess.run(
+            ["make", "-n", target, f"VENV={tmp_path / 'venv'}", *variables],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return [line for line in dry.splitlines() if " -m pip install " in line]
+
+    chosen = pip_lines("TORCH_INDEX_URL=https://example.org/whl/cpu")
+    assert chosen
+    assert all("--extra-index-url https://example.org/whl/cpu" in line for line in chosen)
+    assert all("-c constraints.txt" in line for line in chosen)
+    assert not any("index-url" in line for line in pip_lines())
+    assert RUNTIME.one("ARG").partition("=")[0] == "TORCH_INDEX_URL"
+
+
 # -- the replayed image -------------------------------------------------------------------
 
 

@@ -98,3 +98,35 @@ def test_health_answers_while_a_10000_sample_mc_request_computes(wide_model_dir:
         assert answer["mc"].status_code == 200
         assert len(waits) >= 5, f"{len(waits)} health answers during a {mc_seconds:.2f} s request"
         assert max(waits) < mc_seconds / 4
+
+
+def test_metrics_of_two_workers_count_every_request_whichever_answers_the_scrape(
+    tmp_path: Path,
+) -> None:
+    """prometheus_client's multiprocess mode: the service makes its folder (under TMPDIR),
+    each worker writes there, any scrape adds them up, and the folder goes at shutdown."""
+    body = {"inputs": [[540, 0, 0, 162, 2.5, 1040, 676, 28]]}
+    log = tmp_path / "log"
+    with serve(log, "--workers", "2", "--models", "models", TMPDIR=str(tmp_path)) as (proc, url):
+        (folder,) = tmp_path.glob("dropout-service-metrics-*")
+        sent = 0
+        # New connections until both workers have answered some (the kernel picks).
+        while len({f.name for f in folder.glob("counter_*.db")}) < 2 and sent < 400:
+            with httpx.Client() as fresh:
+                assert fresh.post(f"{url}/v1/models/concrete/predict", json=body).is_success
+            sent += 1
+        assert len(list(folder.glob("counter_*.db"))) == 2, "one worker answered everything"
+        predict = (
+            "dropout_http_requests_total",
+            (
+                ("endpoint", "/v1/models/{name}/predict"),
+                ("method", "POST"),
+                ("model", "concrete"),
+                ("status", "200"),
+            ),
+        )
+        totals = {scrape(url)[predict] for _ in range(8)}  # new connections: either worker
+        assert totals == {sent}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert not list(tmp_path.glob("dropout-service-metrics-*"))
