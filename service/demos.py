@@ -225,7 +225,7 @@ Output: probabilities of the labels "0" .. "9".
   {opts.batch_size}, {opts.epochs} epochs, seed {opts.seed}; {t["seconds"]} s on a shared
   2-core CPU.
 
-Reproduce (bit for bit on the same torch build and thread count):
+Reproduce (bit for bit on the same torch build, CPU kind and thread count):
 
 ```sh
 pip install -e '.[demo]'   # scikit-learn, for the data set
@@ -340,7 +340,7 @@ intervals, drawn with seed {opts.seed}.
   batch {opts.batch_size}, {opts.epochs} epochs, seed {opts.seed}; {t["seconds"]} s on a
   shared 2-core CPU. `noise_variance` from a held-out 20%, as `dropout-service train`.
 
-Reproduce (bit for bit on the same torch build and thread count):
+Reproduce (bit for bit on the same torch build, CPU kind and thread count):
 
 ```sh
 dropout-service train-sine-gap --out models/{config.name}{extra}

@@ -193,6 +193,20 @@ def _packed_keep_mask(n: int, q: float, streams: PackedStreams) -> Tensor:
     return keep
 
 
+def _without_subnormals(t: Tensor) -> Tensor:
+    """A contiguous copy of ``t`` owned by the engine, its subnormal values set to zero.
+
+    Weight decay leaves some weights below float32's smallest normal number (1.2e-38; the
+    shipped concrete model has 155). On Intel CPUs a single one in a matrix slows its product
+    about 40 times (measured: 7.4 ms against 0.16 ms for 1000x100 by 100x100), and each
+    product it contributes lies some 30 orders of magnitude below the resolution of the
+    others' sum, so no answer changes (tests/test_engine.py compares with the plain module).
+    """
+    owned = t.to(copy=True).contiguous()
+    owned[owned.abs() < torch.finfo(torch.float32).tiny] = 0.0
+    return owned
+
+
 def dropout(
     x: Tensor, p: float, generator: torch.Generator, scaling: Scaling = "inverted"
 ) -> Tensor:
@@ -269,8 +283,8 @@ class MLPEngine:
         self._act = _ACTIVATIONS[config.activation]
         self._layers = [
             (
-                tensors[weight_name(i)].to(self.device, torch.float32, copy=True).contiguous(),
-                tensors[bias_name(i)].to(self.device, torch.float32, copy=True).contiguous(),
+                _without_subnormals(tensors[weight_name(i)].to(self.device, torch.float32)),
+                _without_subnormals(tensors[bias_name(i)].to(self.device, torch.float32)),
             )
             for i in range(config.n_linear)
         ]
@@ -278,7 +292,9 @@ class MLPEngine:
         # MC multiplies by 0/1 masks; inverted dropout's 1/(1-p) moves into the weights that
         # read the mask, which saves a pass over every mask.
         self._mc_layers = [
-            (w / (1.0 - p), b) if p > 0 and config.dropout_scaling == "inverted" else (w, b)
+            (_without_subnormals(w / (1.0 - p)), b)
+            if p > 0 and config.dropout_scaling == "inverted"
+            else (w, b)
             for (w, b), p in zip(self._layers, self._p, strict=True)
         ]
         # Layers before the first dropout are deterministic: MC computes them once.

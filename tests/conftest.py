@@ -33,7 +33,6 @@ def settings(model_dir: Path) -> Settings:
         max_rows=64,
         max_n_samples=5000,
         max_sample_values=100_000,
-        torch_threads=1,
     )
 
 

@@ -133,7 +133,7 @@ async def concurrently(url: str, bodies: list[dict[str, Any]]) -> list[Any]:
 
 def test_http_batched_answers_equal_solo_and_unbatched(model_dir: Path) -> None:
     bodies = eval_bodies()
-    batched = Settings(model_dir=model_dir, max_delay_ms=20, torch_threads=1)
+    batched = Settings(model_dir=model_dir, max_delay_ms=20)
     with live_server(batched) as s:
         with httpx.Client(base_url=s.url, timeout=30) as c:
             solo = [c.post("/v1/models/deep/predict", json=b).json() for b in bodies]
@@ -145,7 +145,7 @@ def test_http_batched_answers_equal_solo_and_unbatched(model_dir: Path) -> None:
     assert batches < len(bodies) / 2, f"{batches} batches for {len(bodies)} requests"
     assert loaded == solo
 
-    unbatched = Settings(model_dir=model_dir, batching=False, torch_threads=1)
+    unbatched = Settings(model_dir=model_dir, batching=False)
     with live_server(unbatched) as s:
         assert asyncio.run(concurrently(s.url, bodies)) == solo
 
@@ -154,7 +154,7 @@ def test_answers_are_the_same_computed_on_the_event_loop_or_the_inference_thread
     model_dir: Path,
 ) -> None:
     # Small jobs run on the event loop with one intra-op thread, the rest on the inference
-    # threads with DROPOUT_TORCH_THREADS: neither the place nor the thread count may show.
+    # threads, spreading MC tiles over DROPOUT_TORCH_THREADS: neither may show in the bits.
     bodies = eval_bodies()
     mc = [{**b, "n_samples": 20, "seed": i} for i, b in enumerate(bodies[:12])]
     answers = []

@@ -49,29 +49,3 @@ def test_help_lists_the_commands() -> None:
     ).stdout
     assert "serve" in out
     assert "train" in out
-
-
-def readme_curl_commands() -> list[str]:
-    """Every `curl` command of the README, continuation lines joined."""
-    text = (ROOT / "README.md").read_text()
-    commands, current = [], ""
-    for line in text.splitlines():
-        if line.startswith("curl ") or current:
-            current += line.rstrip("\\").strip() + " "
-            if not line.endswith("\\"):
-                commands.append(current.strip())
-                current = ""
-    return commands
-
-
-def test_readme_curl_examples_work_as_written(served: str) -> None:
-    commands = readme_curl_commands()
-    assert len(commands) >= 8
-    for command in commands:
-        live = command.replace("http://127.0.0.1:8000", served)
-        done = subprocess.run(
-            ["bash", "-c", f"set -o pipefail; {live}"], capture_output=True, text=True, timeout=60
-        )
-        assert done.returncode == 0, (command, done.stderr)
-        assert done.stdout.strip(), command
-        assert '"detail"' not in done.stdout, (command, done.stdout[:300])

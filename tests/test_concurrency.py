@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 
 import httpx
 
-from tests.helpers import LiveServer
+from service.repository import load_model
+from service.settings import Settings
+from tests.helpers import LiveServer, live_server, scrape
 
 N_MC = 64
 
@@ -59,3 +62,45 @@ def test_concurrent_mc_and_eval_equal_solo_answers(
         assert loaded == alone, f"seed {body['seed']} answered differently under load"
     assert all(e == solo_eval for e in concurrent_eval)
     assert len({str(a["mean"]) for a in solo_mc}) == N_MC  # the requests really differ
+
+
+def test_parallel_mc_jobs_on_the_threads_equal_their_solo_answers(wide_model_dir: Path) -> None:
+    """Real parallelism: MC jobs too large for the event loop, two inference threads, two
+    tile threads, 48 requests at once; every answer equals the one a server with a single
+    thread of each gives to the request alone."""
+    rng = random.Random(1)
+    bodies = [
+        {
+            "inputs": [[rng.uniform(-3, 3) for _ in range(8)] for _ in range(rng.randint(1, 4))],
+            "n_samples": rng.choice([300, 1000, 3000]),
+            "seed": rng.randrange(2**63),
+        }
+        for _ in range(48)
+    ]
+    engine = load_model(wide_model_dir / "wide").engine
+    small = min(engine.mc_macs(len(b["inputs"]), b["n_samples"]) for b in bodies)  # type: ignore[arg-type]
+    assert small > Settings().inline_max_macs  # every one runs on the inference threads
+
+    alone = Settings(model_dir=wide_model_dir, inference_threads=1, torch_threads=1)
+    with live_server(alone) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        solo = [c.post("/v1/models/wide/predict/mc", json=b).json() for b in bodies]
+
+    parallel = Settings(model_dir=wide_model_dir, inference_threads=2, torch_threads=2)
+    with live_server(parallel) as s:
+
+        async def all_at_once() -> list[object]:
+            limits = httpx.Limits(max_connections=len(bodies))
+            async with httpx.AsyncClient(base_url=s.url, timeout=120, limits=limits) as client:
+                answers = await asyncio.gather(
+                    *(client.post("/v1/models/wide/predict/mc", json=b) for b in bodies)
+                )
+            assert all(r.status_code == 200 for r in answers)
+            return [r.json() for r in answers]
+
+        loaded = asyncio.run(all_at_once())
+        busiest = scrape(s.url)
+    assert loaded == solo
+    mc_jobs = busiest[
+        ("dropout_inference_compute_seconds_count", (("kind", "mc"), ("model", "wide")))
+    ]
+    assert mc_jobs == len(bodies)

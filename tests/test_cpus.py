@@ -67,7 +67,8 @@ def test_no_cgroups_at_all(tmp_path: Path) -> None:
 
 def test_settings_share_the_usable_cpus_among_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("service.settings.available_cpus", lambda: 2)
-    assert Settings(workers=1).intra_op_threads() == 2
-    assert Settings(workers=2).intra_op_threads() == 1
-    assert Settings(workers=4).intra_op_threads() == 1
+    # torch_threads=None: the default, whatever DROPOUT_TORCH_THREADS this run has.
+    assert Settings(workers=1, torch_threads=None).intra_op_threads() == 2
+    assert Settings(workers=2, torch_threads=None).intra_op_threads() == 1
+    assert Settings(workers=4, torch_threads=None).intra_op_threads() == 1
     assert Settings(workers=1, torch_threads=3).intra_op_threads() == 3

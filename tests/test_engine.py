@@ -7,7 +7,9 @@ import torch
 
 from service.engine import MLPEngine, entropy
 from service.model import ModelConfig
+from service.repository import load_model, read_weights
 from tests.helpers import (
+    ROOT,
     cases,
     deep_regression_config,
     inputs,
@@ -136,3 +138,26 @@ def test_chunk_size_bounds_memory_and_depends_only_on_shape() -> None:
     assert engine.chunk_size(1024, 10_000) * 1024 * 16 <= engine.chunk_elements
     assert engine.chunk_size(1, 100) == 100
     assert engine.chunk_size(10**7, 100) == 1
+
+
+def test_subnormal_weights_change_no_answer() -> None:
+    """Weight decay leaves weights below float32's normal range; the engine drops them (on
+    Intel CPUs one slows a matrix product some 40 times) and answers the same bits."""
+    config = deep_regression_config()
+    tensors = random_tensors(config, 3)
+    g = torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        picked = torch.rand(t.shape, generator=g) < 0.1
+        tensors[name] = torch.where(picked, torch.full_like(t, 3e-41), t)
+    assert any(bool(((t != 0) & (t.abs() < 1.2e-38)).any()) for t in tensors.values())
+    x = inputs(config, rows=64)
+    assert torch.equal(MLPEngine(config, tensors).predict(x), reference_eval(config, tensors, x))
+
+
+@pytest.mark.parametrize("name", ["concrete", "digits", "sine-gap"])
+def test_shipped_models_answer_as_the_plain_module(name: str) -> None:
+    """The shipped weights, subnormals included, in a plain nn.Sequential in eval mode."""
+    model = load_model(ROOT / "models" / name)
+    tensors = read_weights(model.path, model.config)
+    x = inputs(model.config, rows=64, seed=1) * 3 + 1
+    assert torch.equal(model.engine.predict(x), reference_eval(model.config, tensors, x))

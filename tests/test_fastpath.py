@@ -56,7 +56,7 @@ def call(
 
 @pytest.fixture
 def fast(model_dir: Path) -> Iterator[tuple[FastPredict, Inner]]:
-    runtime = Runtime(Settings(model_dir=model_dir, torch_threads=1, batching=False))
+    runtime = Runtime(Settings(model_dir=model_dir, batching=False))
     runtime.repository = ModelRepository.load(model_dir)
     inner = Inner()
     routes = {route.path: route for route in v1.router.routes}  # type: ignore[attr-defined]

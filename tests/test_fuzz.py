@@ -37,7 +37,7 @@ NAME_MAX = 256  # ModelName's max_length: longer names are the negative cases, k
 
 
 def fuzz_settings(model_dir: Path) -> Settings:
-    return Settings(model_dir=model_dir, max_rows=64, max_n_samples=2000, torch_threads=1)
+    return Settings(model_dir=model_dir, max_rows=64, max_n_samples=2000)
 
 
 # The document the live server serves at /openapi.json (test_schema_is_the_served_one checks

@@ -28,7 +28,7 @@ async def burst(url: str, n: int) -> list[httpx.Response]:
 
 
 def test_burst_past_the_queue_limit_gets_fast_503s_and_recovers(wide_model_dir: Path) -> None:
-    settings = Settings(model_dir=wide_model_dir, max_queue_size=2, torch_threads=1)
+    settings = Settings(model_dir=wide_model_dir, max_queue_size=2)
     with live_server(settings) as s:
         answers = asyncio.run(burst(s.url, 24))
         codes = sorted(r.status_code for r in answers)
@@ -50,7 +50,7 @@ def test_burst_past_the_queue_limit_gets_fast_503s_and_recovers(wide_model_dir: 
 def test_request_past_its_deadline_is_504_and_the_service_recovers(
     wide_model_dir: Path,
 ) -> None:
-    settings = Settings(model_dir=wide_model_dir, request_timeout_s=0.1, torch_threads=1)
+    settings = Settings(model_dir=wide_model_dir, request_timeout_s=0.1)
     with live_server(settings) as s, httpx.Client(base_url=s.url, timeout=30) as c:
         slow = c.post(MC, json={"inputs": [ROW] * 4, "n_samples": 10_000, "seed": 3})
         assert slow.status_code == 504
@@ -83,7 +83,6 @@ def test_a_request_past_its_deadline_stops_computing_and_frees_its_slot_when_sto
         model_dir=wide_model_dir,
         request_timeout_s=min(0.25, long_s / 4),
         max_queue_size=1,
-        torch_threads=1,
     )
     with live_server(settings) as s, httpx.Client(base_url=s.url, timeout=30) as c:
         assert c.post(MC, json=long_body).status_code == 504

@@ -42,7 +42,7 @@ class Lines(logging.Handler):
 
 @pytest.fixture(scope="module")
 def served(model_dir: Path) -> Iterator[LiveServer]:
-    settings = Settings(model_dir=model_dir, torch_threads=1, max_n_samples=5000)
+    settings = Settings(model_dir=model_dir, max_n_samples=5000)
     with live_server(settings) as s:
         yield s
 
@@ -84,7 +84,7 @@ def test_metrics_count_what_the_requests_did(served: LiveServer) -> None:
     assert delta("dropout_inference_compute_seconds_count", model="tiny", kind="mc") == 1
     assert after[("dropout_inference_pending_requests", (("model", "tiny"),))] == 0
     assert after[("dropout_http_requests_in_flight", ())] == 1  # this scrape
-    assert after[("dropout_torch_threads", ())] == 1
+    assert after[("dropout_torch_threads", ())] == Settings().intra_op_threads()
 
 
 def test_model_info_carries_version_and_sha256(served: LiveServer) -> None:
@@ -189,7 +189,7 @@ def test_a_client_that_hangs_up_is_counted_as_499_and_its_work_stops(
     engine.predict_mc(torch.tensor(long_body["inputs"]), 10_000, 3)
     long_s = time.perf_counter() - start
 
-    settings = Settings(model_dir=wide_model_dir, torch_threads=1, max_queue_size=1)
+    settings = Settings(model_dir=wide_model_dir, max_queue_size=1)
     with live_server(settings) as s:
         before = scrape(s.url)
         mc = json.dumps(long_body).encode()

@@ -133,7 +133,7 @@ def test_engine_modes_each_replay_and_agree_in_distribution() -> None:
 
 @pytest.mark.parametrize("mode", ["packed", "torch"])
 def test_setting_picks_the_mode_the_service_answers_with(model_dir: Path, mode: str) -> None:
-    settings = Settings(model_dir=model_dir, mc_mask=mode, torch_threads=1)  # type: ignore[arg-type]
+    settings = Settings(model_dir=model_dir, mc_mask=mode)  # type: ignore[arg-type]
     config = deep_regression_config()
     engine = MLPEngine(config, random_tensors(config, seed=1), mask_mode=mode)  # type: ignore[arg-type]
     rows = [[0.5, -1.0, 2.0, 0.0]]

@@ -76,7 +76,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(
 
 
 def test_health_answers_while_a_10000_sample_mc_request_computes(wide_model_dir: Path) -> None:
-    settings = Settings(model_dir=wide_model_dir, torch_threads=1)
+    settings = Settings(model_dir=wide_model_dir)
     with live_server(settings) as s:
         answer: dict[str, httpx.Response] = {}
 

@@ -32,7 +32,7 @@ ZERO_ROW = [float(v) for row in ZERO for v in row]
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[httpx.Client]:
-    settings = Settings(model_dir=MODELS, torch_threads=1)
+    settings = Settings(model_dir=MODELS)
     with live_server(settings) as server, httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
 

@@ -117,26 +117,15 @@ def eval_fields(config: ModelConfig, outputs: torch.Tensor) -> dict[str, Any]:
 
 
 def mc_fields(config: ModelConfig, n_samples: int, seed: int, result: MCResult) -> dict[str, Any]:
-    """Every field of ``MCResponse``, absent outputs as null."""
-    outputs = {k: t.tolist() for k, t in mc_outputs(config, result).items()}
+    """The fields of ``MCResponse`` this answer has: those of another task, or samples not
+    asked for, are left out rather than sent as null."""
     return {
         "model": config.name,
         "version": config.version,
         "n_samples": n_samples,
         "seed": seed,
-        **{field: outputs.get(field) for field in MC_OUTPUTS},
+        **{k: t.tolist() for k, t in mc_outputs(config, result).items()},
     }
-
-
-MC_OUTPUTS = (
-    "mean",
-    "variance",
-    "std",
-    "predictive_variance",
-    "entropy",
-    "mutual_information",
-    "samples",
-)
 
 
 @router.post("/models/{name}/compare", response_model=CompareResponse, responses=_PREDICT_ERRORS)
