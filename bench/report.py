@@ -165,9 +165,7 @@ def serving_tables(loads: list[serving.Load]) -> list[str]:
     return lines
 
 
-HEADLINE_START = (
-    "<!-- headline: written by make bench (bench/report.py), from docs/benchmarks.md -->"
-)
+HEADLINE_START = "<!-- headline: written by make bench (bench/report.py) -->"
 HEADLINE_END = "<!-- /headline -->"
 
 
@@ -389,11 +387,11 @@ NOTES = """
 - Request path (the table "Where an eval request's time goes" prices each piece):
   - **Jobs small enough run on the event loop.** A forward job of at most
     `DROPOUT_INLINE_MAX_MACS` multiply-adds (a 64-row eval block of concrete is 0.7 M, an
-    MC request of T=100 on one row 1 M) runs on the loop with one intra-op thread: the hand-off
-    to the inference thread and back cost more than the job. Larger ones still go to a
-    pool (eval passes to a one-thread eval pool, so a row's bits never depend on where its
-    batch ran; MC to the inference threads), so the loop is never held for more than about
-    0.2 ms.
+    MC request of T=100 on one row 1 M) runs on the loop: the hand-off to a pool thread and
+    back costs more than the job. Larger ones go to a pool (eval jobs and MC jobs each to
+    their own), so the loop is never held for more than about 0.2 ms. Every pass computes
+    on one intra-op thread wherever it runs, so no answer depends on the thread settings; a
+    large MC request spreads its tiles over `DROPOUT_TORCH_THREADS` threads instead.
   - **A short way through for v1 predict.** FastAPI's routing over every route, dependency
     solving, exception middleware and response model cost about as much as the bare app's
     whole request; `service/fastpath.py` answers well-formed predict and predict/mc requests
@@ -407,9 +405,12 @@ NOTES = """
   - **One observability middleware** (request id, Prometheus, access log) instead of two;
     memoised metric children; access lines built with orjson, without `logging`'s stack walk,
     and written to stdout in batches every 50 ms instead of one write and flush per request.
-  - Earlier: `async` dependencies (no threadpool hop before the handler) and the inference
-    threads' OpenMP team set to `DROPOUT_TORCH_THREADS` (one MC T=100 request had taken 48 ms
-    instead of 0.6 ms with OpenMP's default team).
+  - Earlier: `async` dependencies (no threadpool hop before the handler).
+- **Subnormal weights dropped at load.** Weight decay left 155 of the concrete model's
+  weights below float32's normal range; on this Xeon a 1000x100 by 100x100 product with them
+  took 7.4 ms against 0.16 ms (AMD CPUs barely slow down), which had made every concrete
+  request several times slower here. Their products lie some 30 orders of magnitude below
+  the rest of each sum, so the answers keep their bits (tests/test_engine.py).
 - Not tried: `torch.compile` (the work left is GEMMs and random numbers, which it does not
   fuse, and it would add compile time per shape).
 
@@ -439,21 +440,21 @@ NOTES = """
   shares one pass among many requests and the ratio rises (the c = 64 row).
 - **MC over the bare app**: MC requests add the engine time itself (three masks and two
   products over T rows), which at T = 1000 is most of the request.
-- **Shared machine**: the load generator runs on the same 2 cores as the server; on a loaded
-  machine intra-op threads wait on each other. The tables say how many threads ran, and the
-  load average is in the header. Three full runs within one hour (2026-11-27, 04:02 to 04:58
-  UTC, same code but for the last two commits' review fixes) gave eval 0.45 to 0.57x the bare
-  app at one client and 0.71 to 0.78x at 64, MC T=100 0.34 to 0.45x at one client: read the
-  HTTP ratios to about +-0.1, and the occasional p99 near one second at 64 MC clients (seen
-  in some runs, with either mask mode) as a tail not yet explained.
+- **One core per pass**: the engine tables give torch all cores (`--threads`), and the
+  floor's products use them; the engine computes each tile on one core and spreads tiles
+  over the tile threads, which is why its ratio to the floor grows with the product size
+  (the 512-wide model at B = 32).
+- **Shared machine**: the load generator runs on the same 2 cores as the server. The
+  tables say how many threads ran, and the load average is in the header; read the HTTP
+  ratios to about +-0.1 between runs.
 
 ## How to read and rerun
 
 `make bench` installs the `bench` and `peers` extras and wrk (through apt-get when run as
 root; otherwise the HTTP load comes from an asyncio httpx client, which saturates before the
 server does) and regenerates this page and `benchmarks.png`. `make bench BENCH_ARGS=--quick`
-takes shorter runs. The engine tables run with `torch.set_num_threads(cores)`;
-`--threads N` changes that.
+takes shorter runs. The engine tables run with `torch.set_num_threads(cores)` (the engine
+still computes each tile on one core); `--threads N` changes that.
 """
 
 
