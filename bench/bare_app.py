@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Response
 
-from service.schemas import PredictRequest
+from service.protocols.http.schemas_v1 import PredictRequest
 
 ANSWER = b'{"model":"bare","version":"1","outputs":[[0.0]]}'
 

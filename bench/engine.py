@@ -17,8 +17,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from service.engine import MC_CHUNK_ELEMENTS, MLPEngine, keep_mask, mask_source
-from service.model import ModelConfig, build_sequential, load_into_sequential
+from service.core.engine import MC_CHUNK_ELEMENTS, MLPEngine, keep_mask, mask_source
+from service.core.model import ModelConfig, build_sequential, load_into_sequential
 
 P = 0.1
 MODELS = {"16-256-256-1": (16, [256, 256], 1), "64-512-512-512-10": (64, [512, 512, 512], 10)}

@@ -25,8 +25,8 @@ import torch
 from bare_app import app as bare_app
 
 from service.app import create_app
-from service.batching import blocked_predict
-from service.schemas import PredictRequest
+from service.protocols.http.schemas_v1 import PredictRequest
+from service.serving.batching import blocked_predict
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,14 +16,14 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import __version__
-from service.accesslog import Observed, configure_access_log, flush_access_log
-from service.api import health, v1, v2
-from service.errors import install_error_handlers
-from service.fastpath import FastPredict
-from service.limits import BodyLimits, JSONGuard
-from service.metrics import Metrics
-from service.repository import ModelRepository
-from service.runtime import Runtime
+from service.core.errors import install_error_handlers
+from service.core.repository import ModelRepository
+from service.protocols.http import health, v1, v2
+from service.protocols.http.hotpath import FastPredict
+from service.protocols.http.limits import BodyLimits, JSONGuard
+from service.serving.dataplane import Runtime
+from service.serving.metrics import Metrics
+from service.serving.observe import Observed, configure_access_log, flush_access_log
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.demos import DIGITS_OPTIONS, SINE_GAP_OPTIONS
-from service.protocol import ProtocolOptions
-from service.report import ReportOptions
+from service.offline.demos import DIGITS_OPTIONS, SINE_GAP_OPTIONS
+from service.offline.report import ReportOptions
+from service.offline.training import TrainOptions, TrainReport
+from service.offline.uci import ProtocolOptions
 from service.settings import Settings
-from service.training import TrainOptions, TrainReport
 
 WORKER_HEALTHCHECK_TIMEOUT_S = 60
 
@@ -26,7 +26,7 @@ WORKER_HEALTHCHECK_TIMEOUT_S = 60
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.server import metrics_dir, uvicorn_options
+    from service.protocols.http.server import metrics_dir, uvicorn_options
 
     # Flags become settings through the environment, so every worker process sees them.
     flags = {
@@ -96,8 +96,8 @@ def _print_trained(out: Path, report: TrainReport) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from service.datasets import UCIDataset
-    from service.training import train_uci_regression
+    from service.offline.datasets import UCIDataset
+    from service.offline.training import train_uci_regression
 
     opts = _options(args, input_dropout=not args.no_input_dropout)
     dataset = UCIDataset.load(args.dataset)
@@ -108,7 +108,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_digits(args: argparse.Namespace) -> int:
-    from service.demos import train_digits
+    from service.offline.demos import train_digits
 
     _set_threads(args.threads)
     opts = _options(args, input_dropout=False)
@@ -116,7 +116,7 @@ def _train_digits(args: argparse.Namespace) -> int:
 
 
 def _train_sine_gap(args: argparse.Namespace) -> int:
-    from service.demos import train_sine_gap
+    from service.offline.demos import train_sine_gap
 
     _set_threads(args.threads)
     opts = _options(args, input_dropout=False)
@@ -154,8 +154,8 @@ def _add_fit_options(parser: argparse.ArgumentParser, d: TrainOptions) -> None:
 def _benchmark(args: argparse.Namespace) -> int:
     import json
 
-    from service.datasets import UCIDataset
-    from service.protocol import ProtocolOptions, results_table, run_protocol
+    from service.offline.datasets import UCIDataset
+    from service.offline.uci import ProtocolOptions, results_table, run_protocol
 
     _set_threads(args.threads)
     opts = ProtocolOptions(
@@ -180,8 +180,8 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from service.report import build_report
-    from service.repository import ModelLoadError, load_model
+    from service.core.repository import ModelLoadError, load_model
+    from service.offline.report import build_report
 
     opts = ReportOptions(
         repeats=args.repeats,

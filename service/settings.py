@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.cpus import available_cpus
+from service.core.cpus import available_cpus
 
 
 class Settings(BaseSettings):

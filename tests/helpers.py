@@ -20,7 +20,7 @@ import torch
 import uvicorn
 
 from service.app import create_app
-from service.model import (
+from service.core.model import (
     ModelConfig,
     Standardization,
     bias_name,
@@ -28,8 +28,8 @@ from service.model import (
     load_into_sequential,
     weight_name,
 )
-from service.repository import save_model
-from service.server import uvicorn_options
+from service.core.repository import save_model
+from service.protocols.http.server import uvicorn_options
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
-from service.engine import MC_CHUNK_ELEMENTS, MC_TILE_ELEMENTS
-from service.schemas import MCResponse, PredictResponse
+from service.core.engine import MC_CHUNK_ELEMENTS, MC_TILE_ELEMENTS
+from service.protocols.http.schemas_v1 import MCResponse, PredictResponse
 from service.settings import Settings
 
 MC_BODY = {"inputs": [[1.0, 2.0]], "n_samples": 200, "seed": 42}

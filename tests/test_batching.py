@@ -16,11 +16,11 @@ import httpx
 import pytest
 import torch
 
-from service.batching import EvalBatcher, blocked_predict
-from service.engine import MLPEngine
-from service.jobs import JobRunner
-from service.metrics import Metrics
-from service.repository import load_model
+from service.core.engine import MLPEngine
+from service.core.repository import load_model
+from service.serving.batching import EvalBatcher, blocked_predict
+from service.serving.jobs import JobRunner
+from service.serving.metrics import Metrics
 from service.settings import Settings
 from tests.helpers import (
     classifier_config,

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from tests.helpers import serve
 
 ROOT = Path(__file__).resolve().parents[1]

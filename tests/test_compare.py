@@ -9,9 +9,9 @@ import httpx
 import pytest
 import torch
 
-from service.engine import MLPEngine
-from service.model import ModelConfig
-from service.runtime import train_pass_seeds
+from service.core.engine import MLPEngine
+from service.core.model import ModelConfig
+from service.serving.dataplane import train_pass_seeds
 from tests.helpers import LiveServer, cases, inputs
 
 ROWS = {

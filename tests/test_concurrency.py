@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from service.repository import load_model
+from service.core.repository import load_model
 from service.settings import Settings
 from tests.helpers import LiveServer, live_server, scrape
 

@@ -26,7 +26,7 @@ import httpx
 import pytest
 import torch
 
-from service.repository import load_model
+from service.core.repository import load_model
 from tests.dockerfile import DockerIgnore, Stage, parse
 from tests.helpers import free_port, is_ready, poll_readyz
 
@@ -259,7 +259,7 @@ def test_build_stage_makes_one_wheel_with_the_package_data(image: Image) -> None
 
 def test_installed_wheel_works_outside_the_source_tree(image: Image) -> None:
     probe = (
-        "import service, torch; from service.datasets import UCIDataset; "
+        "import service, torch; from service.offline.datasets import UCIDataset; "
         "print(service.__file__); print(torch.version.cuda); "
         "print(UCIDataset.load('concrete').x.shape)"
     )

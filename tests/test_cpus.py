@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cpus import available_cpus, cgroup_cpu_quota
+from service.core.cpus import available_cpus, cgroup_cpu_quota
 from service.settings import Settings
 
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from service.repository import sha256_of
+from service.core.repository import sha256_of
 from service.settings import Settings
 from tests.helpers import (
     is_loaded,
@@ -121,7 +121,7 @@ def damaged_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_damaged_model_is_refused_logged_and_reported(
     damaged_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="service.repository")
+    caplog.set_level(logging.ERROR, logger="service.core.repository")
     with live_server(Settings(model_dir=damaged_root), wait_ready=False) as s:
         r = poll_readyz(s.url, is_loaded)
         good = httpx.post(f"{s.url}/v1/models/tiny/predict", json={"inputs": [[1, 2]]})
@@ -170,7 +170,7 @@ def test_a_folder_failing_in_an_unforeseen_way_is_refused_and_the_rest_load(
     write_model(tmp_path, tiny_regression_config(), tiny_tensors())
     write_model(tmp_path, tiny_regression_config(name="unreadable"), tiny_tensors())
     unreadable_weights(tmp_path / "unreadable")
-    caplog.set_level(logging.ERROR, logger="service.repository")
+    caplog.set_level(logging.ERROR, logger="service.core.repository")
     with live_server(Settings(model_dir=tmp_path), wait_ready=False) as s:
         r = poll_readyz(s.url, is_loaded, timeout=20)
         good = httpx.post(f"{s.url}/v1/models/tiny/predict", json={"inputs": [[1, 2]]})

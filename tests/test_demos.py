@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 
 from service.cli import main
-from service.demos import SINE_INTERVALS, ood_images, sine_gap_data, train_digits, train_sine_gap
-from service.repository import load_model
-from service.training import TrainOptions
+from service.core.repository import load_model
+from service.offline.demos import (
+    SINE_INTERVALS,
+    ood_images,
+    sine_gap_data,
+    train_digits,
+    train_sine_gap,
+)
+from service.offline.training import TrainOptions
 from tests.helpers import write_uci_folder
 
 QUICK = TrainOptions(

@@ -8,7 +8,7 @@ import re
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import Metrics
+from service.serving.metrics import Metrics
 from service.settings import Settings
 from tests.helpers import ROOT
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.engine import dropout, dropout_noise
+from service.core.engine import dropout, dropout_noise
 
 SHAPES = [(1,), (3, 5), (64, 50), (7, 3, 11), (2, 1000)]
 PS = [0.01, 0.1, 0.3, 0.5, 0.9]

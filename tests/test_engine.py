@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine import MLPEngine, entropy
-from service.model import ModelConfig
-from service.repository import load_model, read_weights
+from service.core.engine import MLPEngine, entropy
+from service.core.model import ModelConfig
+from service.core.repository import load_model, read_weights
 from tests.helpers import (
     ROOT,
     cases,

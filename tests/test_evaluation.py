@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import entropy as engine_entropy
-from service.evaluation import (
+from service.core.engine import entropy as engine_entropy
+from service.offline.evaluation import (
     accuracy,
     auroc,
     entropy,

@@ -12,10 +12,10 @@ import httpx
 import pytest
 from starlette.exceptions import HTTPException
 
-from service.api import v1
-from service.fastpath import FastPredict
-from service.repository import ModelRepository
-from service.runtime import Runtime
+from service.core.repository import ModelRepository
+from service.protocols.http import v1
+from service.protocols.http.hotpath import FastPredict
+from service.serving.dataplane import Runtime
 from service.settings import Settings
 
 ROW = [1.0, 2.0]

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.engine import MLPEngine
-from service.jobs import JobRunner
-from service.runtime import Runtime
+from service.core.engine import MLPEngine
+from service.serving.dataplane import Runtime
+from service.serving.jobs import JobRunner
 from service.settings import Settings
 from tests.helpers import random_tensors, wide_regression_config
 

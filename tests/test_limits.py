@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from service.repository import load_model
+from service.core.repository import load_model
 from service.settings import Settings
 from tests.helpers import live_server, scrape
 

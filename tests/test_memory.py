@@ -13,7 +13,7 @@ BOUND_MIB = 300
 SCRIPT = textwrap.dedent(
     """
     import resource, torch
-    from service.engine import MLPEngine
+    from service.core.engine import MLPEngine
     from tests.helpers import deep_regression_config, random_tensors
 
     torch.set_num_threads(2)

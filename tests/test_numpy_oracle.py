@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import MLPEngine, dropout_noise
-from service.model import (
+from service.core.engine import MLPEngine, dropout_noise
+from service.core.model import (
     ModelConfig,
     bias_name,
     build_sequential,

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import torch
 
-from service.accesslog import LOGGER, BatchedStdout
-from service.repository import load_model
+from service.core.repository import load_model
+from service.serving.observe import LOGGER, BatchedStdout
 from service.settings import Settings
 from tests.helpers import LiveServer, live_server, scrape
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import (
+from service.core.engine import (
     PACKED_MIN_ELEMENTS,
     SFC64_MIN_WORDS,
     MLPEngine,

@@ -14,8 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.engine import MLPEngine
-from service.model import ModelConfig, Standardization
+from service.core.engine import MLPEngine
+from service.core.model import ModelConfig, Standardization
 from tests.helpers import SHA_PLACEHOLDER, random_tensors, reference_eval
 
 EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "40"))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from service.cli import main
-from service.report import ReportOptions, fig_uncertainty_1d
+from service.offline.report import ReportOptions, fig_uncertainty_1d
 from tests.helpers import (
     deep_regression_config,
     random_tensors,

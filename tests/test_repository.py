@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.repository import ModelLoadError, ModelRepository, load_model, sha256_of
+from service.core.repository import ModelLoadError, ModelRepository, load_model, sha256_of
 from tests.helpers import random_tensors, tiny_regression_config, tiny_tensors, write_model
 
 

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.repository import load_model
+from service.core.repository import load_model
 from service.settings import Settings
 from tests.helpers import live_server
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 import tritonclient.http as triton
 
-from service.api.v2 import input_tensor
-from service.errors import InvalidInput
-from service.schemas_v2 import InferenceRequest
-from service.tensor_codec import (
+from service.core.errors import InvalidInput
+from service.protocols.http.schemas_v2 import InferenceRequest
+from service.protocols.http.v2 import input_tensor
+from service.protocols.tensors import (
     binary_chunks,
     datatype_of,
     from_bytes,

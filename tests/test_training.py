@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from service.cli import main
-from service.datasets import UCIDataset
-from service.repository import load_model
-from service.training import TrainOptions, train_uci_regression
+from service.core.repository import load_model
+from service.offline.datasets import UCIDataset
+from service.offline.training import TrainOptions, train_uci_regression
 from tests.helpers import write_uci_folder
 
 QUICK = TrainOptions(hidden=(16,), epochs=3, batch_size=32, mc_samples=50, progress=False)

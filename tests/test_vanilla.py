@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from service.cli import main
-from service.datasets import UCIDataset
-from service.engine import MLPEngine, dropout_noise
-from service.model import VanillaDropout, build_sequential
-from service.repository import load_model
-from service.training import TrainOptions, train_uci_regression
+from service.core.engine import MLPEngine, dropout_noise
+from service.core.model import VanillaDropout, build_sequential
+from service.core.repository import load_model
+from service.offline.datasets import UCIDataset
+from service.offline.training import TrainOptions, train_uci_regression
 from tests import test_training
 from tests.helpers import tiny_regression_config
 

@@ -21,15 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.accesslog import annotate
-from service.batching import EvalBatcher, blocked_predict
-from service.engine import MCResult
-from service.errors import InvalidInput, NotReady
-from service.jobs import JobRunner, Ran
-from service.limits import Admission
-from service.metrics import Metrics
-from service.outputs import mc_outputs
-from service.repository import LoadedModel, ModelRepository
+from service.core.engine import MCResult
+from service.core.errors import InvalidInput, NotReady
+from service.core.repository import LoadedModel, ModelRepository
+from service.protocols.http.limits import Admission
+from service.serving.batching import EvalBatcher, blocked_predict
+from service.serving.jobs import JobRunner, Ran
+from service.serving.metrics import Metrics
+from service.serving.observe import annotate
+from service.serving.outputs import mc_outputs
 from service.settings import Settings
 
 #: The smallest magnitude that rounds to infinity in float32 (FLT_MAX plus half an ulp).

@@ -19,18 +19,17 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 
 from service import __version__
-from service.api import health
-from service.api.deps import RuntimeDep
-from service.errors import (
+from service.core.errors import (
     RETRY_AFTER_SECONDS,
     InvalidInput,
     VersionNotFound,
     v2_error_response,
 )
-from service.model import ModelConfig
-from service.outputs import mc_outputs
-from service.repository import LoadedModel
-from service.schemas_v2 import (
+from service.core.model import ModelConfig
+from service.core.repository import LoadedModel
+from service.protocols.http import health
+from service.protocols.http.deps import RuntimeDep
+from service.protocols.http.schemas_v2 import (
     ErrorV2,
     InferenceRequest,
     InferenceResponse,
@@ -44,7 +43,7 @@ from service.schemas_v2 import (
     TensorMetadata,
     request_body_schema,
 )
-from service.tensor_codec import (
+from service.protocols.tensors import (
     HEADER_LENGTH,
     binary_chunks,
     datatype_of,
@@ -54,6 +53,7 @@ from service.tensor_codec import (
     to_bytes,
     to_json,
 )
+from service.serving.outputs import mc_outputs
 
 INPUT = "input"
 OUTPUT = "output"

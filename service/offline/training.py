@@ -23,11 +23,16 @@ from torch import nn
 from tqdm import tqdm
 
 from service import __version__
-from service.datasets import PUBLISHED, UCIDataset
-from service.engine import MLPEngine
-from service.evaluation import gaussian_log_likelihood, interval_coverage, mc_log_likelihood, rmse
-from service.model import ModelConfig, Standardization, build_sequential, sequential_to_tensors
-from service.repository import save_model
+from service.core.engine import MLPEngine
+from service.core.model import ModelConfig, Standardization, build_sequential, sequential_to_tensors
+from service.core.repository import save_model
+from service.offline.datasets import PUBLISHED, UCIDataset
+from service.offline.evaluation import (
+    gaussian_log_likelihood,
+    interval_coverage,
+    mc_log_likelihood,
+    rmse,
+)
 
 _UNSET_SHA = "0" * 64
 

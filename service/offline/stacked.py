@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from service.model import bias_name, weight_name
+from service.core.model import bias_name, weight_name
 
 
 @dataclass(frozen=True)

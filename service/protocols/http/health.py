@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.api.deps import RuntimeDep
-from service.errors import RETRY_AFTER_SECONDS
-from service.runtime import Runtime
-from service.schemas import Health, Readiness
+from service.core.errors import RETRY_AFTER_SECONDS
+from service.protocols.http.deps import RuntimeDep
+from service.protocols.http.schemas_v1 import Health, Readiness
+from service.serving.dataplane import Runtime
 
 router = APIRouter(tags=["health"])
 

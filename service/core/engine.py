@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from service.model import ModelConfig, bias_name, weight_name
+from service.core.model import ModelConfig, bias_name, weight_name
 
 Scaling = Literal["inverted", "vanilla"]
 MaskMode = Literal["packed", "torch"]

@@ -6,7 +6,7 @@ the pair with the best MC log-likelihood on the last 20%; retrain on all trainin
 ``reg = lengthscale**2 * (1 - p) / (2 N tau)``; score the test rows with the engine's own MC
 path (test RMSE and the log-likelihood of eq. 8 in original units, with that tau).
 
-Every split's grid trains at once as one stacked model (``service.stacked``), and so do the
+Every split's grid trains at once as one stacked model (``service.offline.stacked``), and so do the
 final models of all splits.
 """
 
@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from service.datasets import PUBLISHED, Split, UCIDataset
-from service.engine import MLPEngine
-from service.evaluation import interval_coverage, mc_log_likelihood, rmse
-from service.model import ModelConfig, Standardization
-from service.stacked import Stack, mc_log_likelihood_stack, train_stack
-from service.training import standardization
+from service.core.engine import MLPEngine
+from service.core.model import ModelConfig, Standardization
+from service.offline.datasets import PUBLISHED, Split, UCIDataset
+from service.offline.evaluation import interval_coverage, mc_log_likelihood, rmse
+from service.offline.stacked import Stack, mc_log_likelihood_stack, train_stack
+from service.offline.training import standardization
 
 _UNSET_SHA = "0" * 64
 

@@ -20,9 +20,9 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from service.engine import DEFAULT_MASK_MODE, MaskMode, MLPEngine
-from service.errors import ModelNotFound
-from service.model import ModelConfig
+from service.core.engine import DEFAULT_MASK_MODE, MaskMode, MLPEngine
+from service.core.errors import ModelNotFound
+from service.core.model import ModelConfig
 
 log = logging.getLogger(__name__)
 

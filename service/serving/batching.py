@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from service.engine import MLPEngine
-from service.jobs import Ran, Work
-from service.metrics import Metrics
+from service.core.engine import MLPEngine
+from service.serving.jobs import Ran, Work
+from service.serving.metrics import Metrics
 
 #: Runs an eval job of so many multiply-adds (``JobRunner.run`` with kind "eval").
 Runner = Callable[[Work[Tensor], int], Awaitable[Ran[Tensor]]]

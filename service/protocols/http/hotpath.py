@@ -26,12 +26,12 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.v1 import MODEL_NAME_MAX, eval_fields, mc_fields
-from service.asgi import header, headers, read_body, replay
-from service.errors import ServiceError, error_response, is_json_media_type
-from service.limits import http_error_response, json_problem
-from service.runtime import Runtime
-from service.schemas import MCRequest, PredictRequest
+from service.core.errors import ServiceError, error_response, is_json_media_type
+from service.protocols.http.asgi import header, headers, read_body, replay
+from service.protocols.http.limits import http_error_response, json_problem
+from service.protocols.http.schemas_v1 import MCRequest, PredictRequest
+from service.protocols.http.v1 import MODEL_NAME_MAX, eval_fields, mc_fields
+from service.serving.dataplane import Runtime
 
 _PATH = re.compile(r"/v1/models/([^/]+)/predict(/mc)?")
 _JSON = (b"content-type", b"application/json")

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.engine import MLPEngine, Scaling
-from service.model import ModelConfig, build_sequential, load_into_sequential
-from service.repository import LoadedModel, ModelLoadError, load_model
-from service.runtime import train_pass_seeds
-from service.training import TrainOptions, fit
+from service.core.engine import MLPEngine, Scaling
+from service.core.model import ModelConfig, build_sequential, load_into_sequential
+from service.core.repository import LoadedModel, ModelLoadError, load_model
+from service.offline.training import TrainOptions, fit
+from service.serving.dataplane import train_pass_seeds
 
 #: The 1-D model issue 3 ships; figure 4 trains a small one when it is absent.
 GAP_MODEL = "sine-gap"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from service.engine import MCResult
-from service.model import ModelConfig
+from service.core.engine import MCResult
+from service.core.model import ModelConfig
 
 
 def mc_outputs(config: ModelConfig, result: MCResult) -> dict[str, torch.Tensor]:

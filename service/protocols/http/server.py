@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.metrics import MULTIPROC_DIR
+from service.serving.metrics import MULTIPROC_DIR
 from service.settings import Settings
 
 
@@ -87,7 +87,7 @@ def uvicorn_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
-        "access_log": False,  # service.accesslog writes one JSON line per request instead
+        "access_log": False,  # service.serving.observe writes one JSON line per request instead
         # A partial of a module-level class: workers are spawned, and it must pickle.
         "http": functools.partial(ReadTimeoutProtocol, read_timeout_s=settings.read_timeout_s),
         # uvicorn answers 503 once this many connections are open, counting the new one.

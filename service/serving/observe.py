@@ -26,9 +26,9 @@ import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.asgi import headers
-from service.jobs import ClientGone, client_gone
-from service.metrics import Metrics
+from service.protocols.http.asgi import headers
+from service.serving.jobs import ClientGone, client_gone
+from service.serving.metrics import Metrics
 
 LOGGER = "dropout.access"
 HEADER = b"x-request-id"

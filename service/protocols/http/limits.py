@@ -22,8 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.asgi import header, headers, read_body, replay
-from service.errors import (
+from service.core.errors import (
     DeadlineExceeded,
     InvalidInput,
     Overloaded,
@@ -31,7 +30,8 @@ from service.errors import (
     is_json_media_type,
     v2_error_response,
 )
-from service.metrics import Metrics
+from service.protocols.http.asgi import header, headers, read_body, replay
+from service.serving.metrics import Metrics
 
 # A JSON string, possibly unterminated. Possessive quantifiers keep the match linear: a body
 # of a million backslashes and quotes cannot make the regex backtrack.

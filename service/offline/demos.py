@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.engine import MLPEngine
-from service.evaluation import (
+from service.core.engine import MLPEngine
+from service.core.model import ModelConfig, Standardization
+from service.offline.evaluation import (
     accuracy,
     auroc,
     expected_calibration_error,
     negative_log_likelihood,
 )
-from service.model import ModelConfig, Standardization
-from service.training import (
+from service.offline.training import (
     TrainOptions,
     TrainReport,
     fit,

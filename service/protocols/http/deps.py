@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.runtime import Runtime
+from service.serving.dataplane import Runtime
 from service.settings import Settings
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.errors import InvalidInput
+from service.core.errors import InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

@@ -8,13 +8,11 @@ import orjson
 import torch
 from fastapi import APIRouter, Path, Request, Response
 
-from service.api.deps import RuntimeDep, runtime_of
-from service.engine import MCResult
-from service.model import ModelConfig
-from service.outputs import mc_outputs
-from service.repository import LoadedModel
-from service.runtime import Runtime
-from service.schemas import (
+from service.core.engine import MCResult
+from service.core.model import ModelConfig
+from service.core.repository import LoadedModel
+from service.protocols.http.deps import RuntimeDep, runtime_of
+from service.protocols.http.schemas_v1 import (
     CompareRequest,
     CompareResponse,
     CompareTiming,
@@ -28,6 +26,8 @@ from service.schemas import (
     ReplayScope,
     ValidationErrorBody,
 )
+from service.serving.dataplane import Runtime
+from service.serving.outputs import mc_outputs
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 

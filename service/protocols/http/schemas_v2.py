@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, Strict
 
-from service.schemas import _EXAMPLE_ROW, MAX_SEED
+from service.protocols.http.schemas_v1 import _EXAMPLE_ROW, MAX_SEED
 
 StrictInt = Annotated[int, Strict()]
 StrictBool = Annotated[bool, Strict()]

@@ -1,1 +1,0 @@
-"""HTTP routers: health, v1."""

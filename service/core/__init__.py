@@ -1,0 +1,2 @@
+"""The model itself: its config and plain torch module, the engine's tensor maths, the
+repository of model folders, and the domain errors. No HTTP, no serving machinery."""
