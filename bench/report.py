@@ -392,11 +392,12 @@ NOTES = """
     their own), so the loop is never held for more than about 0.2 ms. Every pass computes
     on one intra-op thread wherever it runs, so no answer depends on the thread settings; a
     large MC request spreads its tiles over `DROPOUT_TORCH_THREADS` threads instead.
-  - **A short way through for v1 predict.** FastAPI's routing over every route, dependency
-    solving, exception middleware and response model cost about as much as the bare app's
-    whole request; `service/fastpath.py` answers well-formed predict and predict/mc requests
-    before them (same pydantic models, same runtime, same JSON) and passes everything else on,
-    so error answers keep one source.
+  - **A hot path for v1 predict and v2 infer.** FastAPI's routing over every route,
+    dependency solving, exception middleware and response model cost about as much as the
+    bare app's whole request; `HotPath` (`service/protocols/http/hotpath.py`) answers
+    well-formed predict, predict/mc and v2 infer requests before them, calling the functions
+    the routes call on the same data plane, and passes everything else on, so error answers
+    keep one source per protocol.
   - **orjson bodies**, written by the handlers themselves instead of a response model that
     validated each answer a second time.
   - **uvicorn with httptools and uvloop** (now dependencies): about twice the requests/s of
@@ -425,7 +426,7 @@ NOTES = """
   mask multiply, two passes over T x B x width values that the floor does not make, plus
   about 20 torch calls per chunk; at T = 10 and B = 1 those calls (microseconds each) are
   most of the time, so the floor ratio is only a target from T = 1000 on.
-- **HTTP eval over the bare app**: the short way through skips FastAPI's machinery (about
+- **HTTP eval over the bare app**: the hot path skips FastAPI's machinery (about
   the bare app's whole request, see "service through FastAPI" against "service" in the
   request-path table), but what is left costs more than FastAPI did: the 64-row padded
   forward pass alone (row "forward pass") costs about what the bare app's whole request

@@ -132,13 +132,13 @@ async def variants() -> tuple[list[Variant], list[asyncio.Task[None]]]:
                 post(bare_app, "/predict")),
         Variant("forward pass", "the 64-row padded eval block alone (blocked_predict)",
                 forward_pass),
-        Variant("service", "default settings (short way, inline compute, batching)",
+        Variant("service", "default settings (hot path, inline compute, batching)",
                 post(service)),
         Variant("service, access log off", "DROPOUT_ACCESS_LOG=false", post(quiet)),
         Variant("service, batching off", "DROPOUT_BATCHING=false", post(unbatched)),
         Variant("service, every job on the threads", "DROPOUT_INLINE_MAX_MACS=0",
                 post(threads)),
-        Variant("service through FastAPI", "no Content-Length, so the short way passes it on",
+        Variant("service through FastAPI", "no Content-Length, so the hot path passes it on",
                 post(service, chunked=True)),
     ], [a, b, c, d]  # fmt: skip
 

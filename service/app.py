@@ -1,4 +1,4 @@
-"""App factory: wires settings, routers, errors, middleware and the model-loading lifespan.
+"""App factory: the data plane, the HTTP front doors on it, and the model-loading lifespan.
 
 Importing this module loads no model and reads no environment; ``create_app`` does the work.
 """
@@ -6,7 +6,6 @@ Importing this module loads no model and reads no environment; ``create_app`` do
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,17 +15,15 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import __version__
-from service.core.errors import install_error_handlers
-from service.core.repository import ModelRepository
 from service.protocols.http import health, v1, v2
-from service.protocols.http.hotpath import FastPredict
+from service.protocols.http.errors import install_error_handlers
+from service.protocols.http.hotpath import HotPath
 from service.protocols.http.limits import BodyLimits, JSONGuard
-from service.serving.dataplane import Runtime
+from service.protocols.http.middleware import Observed
+from service.serving.dataplane import DataPlane
 from service.serving.metrics import Metrics
-from service.serving.observe import Observed, configure_access_log, flush_access_log
+from service.serving.observe import configure_access_log, flush_access_log
 from service.settings import Settings
-
-log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Serves PyTorch MLPs with dropout.
@@ -39,40 +36,21 @@ Serves PyTorch MLPs with dropout.
 """
 
 
-async def load_models(app: FastAPI) -> None:
-    """Load the repository off the event loop, then publish it (readiness flips to 200)."""
-    settings: Settings = app.state.settings
-    runtime: Runtime = app.state.runtime
-    metrics: Metrics = app.state.metrics
-    try:
-        repo = await asyncio.to_thread(
-            ModelRepository.load, settings.model_dir, app.state.device, settings.mc_mask
-        )
-    except Exception as exc:  # an unreadable repository: say so in /readyz, never hang there
-        log.error("could not read the model repository %s", settings.model_dir, exc_info=exc)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        repo = ModelRepository(failures={"(repository)": f"could not be read: {reason}"})
-    for model in repo:
-        c = model.config
-        metrics.model_info.labels(c.name, c.version, c.sha256, c.task).set(1)
-    runtime.repository = repo
-
-
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    # The event loop computes only jobs under inline_max_macs, for which one thread is the
-    # fastest (a team of two costs more to wake than it saves); the inference threads run
-    # with the configured intra-op count (Runtime's pool initializer).
+    settings: Settings = app.state.settings
+    plane: DataPlane = app.state.plane
+    # Jobs small enough run on the event loop, with one intra-op thread like every pass.
     torch.set_num_threads(1)
-    app.state.device = app.state.settings.torch_device()  # a device it lacks stops the start
-    app.state.metrics.torch_threads.set(app.state.settings.intra_op_threads())
-    loading = asyncio.create_task(load_models(app))
+    device = settings.torch_device()  # a device this machine lacks stops the start here
+    plane.metrics.torch_threads.set(settings.intra_op_threads())
+    loading = asyncio.create_task(plane.load(device))
     try:
         yield
     finally:
         loading.cancel()
-        app.state.runtime.close()
-        app.state.metrics.close()
+        plane.close()
+        plane.metrics.close()
         flush_access_log()
 
 
@@ -83,8 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="dropout-service", version=__version__, description=DESCRIPTION, lifespan=lifespan
     )
     app.state.settings = settings
-    app.state.metrics = metrics = Metrics()
-    app.state.runtime = runtime = Runtime(settings, metrics)
+    metrics = Metrics()
+    app.state.plane = plane = DataPlane(settings, metrics)
 
     app.include_router(health.router)
     app.include_router(v1.router)
@@ -97,14 +75,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     def known_model(name: str) -> bool:
-        return runtime.repository is not None and name in runtime.repository.models
+        return plane.repository is not None and name in plane.repository.models
 
     # Added first, so innermost: it buffers only what BodyLimits let through.
     app.add_middleware(JSONGuard, max_depth=settings.max_json_depth)
-    routes = {getattr(route, "path", ""): route for route in v1.router.routes}
-    app.add_middleware(
-        FastPredict, runtime=runtime, routes=routes, max_json_depth=settings.max_json_depth
-    )
+    routes = {getattr(r, "path", ""): r for r in [*v1.router.routes, *v2.router.routes]}
+    app.add_middleware(HotPath, plane=plane, routes=routes, max_json_depth=settings.max_json_depth)
     app.add_middleware(
         BodyLimits, max_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s
     )

@@ -1,5 +1,10 @@
 """Command line: ``dropout-service serve``, ``train``, ``report``, ``benchmark`` and the demo
-trainers."""
+trainers.
+
+Each command imports what it needs when it runs: ``serve --help`` or a typo costs no torch
+import. The parser shows the training defaults from ``offline.options``, which is only
+dataclasses.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +16,28 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from service.offline.options import (
+    DIGITS_OPTIONS,
+    SINE_GAP_OPTIONS,
+    ProtocolOptions,
+    ReportOptions,
+    TrainOptions,
+)
 
-from service.offline.demos import DIGITS_OPTIONS, SINE_GAP_OPTIONS
-from service.offline.report import ReportOptions
-from service.offline.training import TrainOptions, TrainReport
-from service.offline.uci import ProtocolOptions
-from service.settings import Settings
+if TYPE_CHECKING:
+    from service.offline.training import TrainReport
 
 WORKER_HEALTHCHECK_TIMEOUT_S = 60
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from service.protocols.http.server import metrics_dir, uvicorn_options
+    from service.settings import Settings
 
     # Flags become settings through the environment, so every worker process sees them.
     flags = {
@@ -64,6 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _one_line(exc: Exception) -> str:
     """A settings error as one line per problem, naming the variable."""
+    from pydantic import ValidationError
+
     if isinstance(exc, ValidationError):
         return "; ".join(
             f"DROPOUT_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
@@ -155,7 +168,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     import json
 
     from service.offline.datasets import UCIDataset
-    from service.offline.uci import ProtocolOptions, results_table, run_protocol
+    from service.offline.uci import results_table, run_protocol
 
     _set_threads(args.threads)
     opts = ProtocolOptions(

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
         2_000_000,
         ge=0,
         description="Forward jobs of at most this many multiply-adds (about 0.2 ms on one "
-        "core) run on the event loop instead of the inference threads: the hand-off costs "
+        "core) run on the event loop instead of a pool thread: the hand-off costs "
         "more than they do. 0 sends every job to the threads.",
     )
     max_sample_values: int = Field(

@@ -17,7 +17,7 @@ from service.offline.demos import (
     train_digits,
     train_sine_gap,
 )
-from service.offline.training import TrainOptions
+from service.offline.options import TrainOptions
 from tests.helpers import write_uci_folder
 
 QUICK = TrainOptions(

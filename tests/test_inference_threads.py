@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service.core.engine import MLPEngine
-from service.serving.dataplane import Runtime
+from service.serving.dataplane import DataPlane
 from service.serving.jobs import JobRunner
 from service.settings import Settings
 from tests.helpers import random_tensors, wide_regression_config
@@ -68,7 +68,7 @@ def test_the_engine_computes_on_one_thread_and_restores_the_callers_count() -> N
 def test_a_large_mc_request_spreads_its_tiles_over_the_tile_threads(tmp_path: Path) -> None:
     config = wide_regression_config()
     engine = MLPEngine(config, random_tensors(config))
-    runtime = Runtime(Settings(model_dir=tmp_path, torch_threads=2))
+    plane = DataPlane(Settings(model_dir=tmp_path, torch_threads=2))
     names: set[str] = set()
     original = engine._linear
 
@@ -79,9 +79,9 @@ def test_a_large_mc_request_spreads_its_tiles_over_the_tile_threads(tmp_path: Pa
     engine._linear = spy  # type: ignore[method-assign]
     try:
         n = 20 * engine.tile_size(1, 10_000)
-        engine.predict_mc(torch.randn(1, 8), n, seed=3, map_tiles=runtime.jobs.map_tiles)
+        engine.predict_mc(torch.randn(1, 8), n, seed=3, map_tiles=plane.jobs.map_tiles)
     finally:
-        runtime.close()
+        plane.close()
     assert len({name for name in names if name.startswith("tile")}) == 2, names
 
 

@@ -11,8 +11,9 @@ import torch
 
 from service.cli import main
 from service.offline.datasets import UCIDataset
+from service.offline.options import ProtocolOptions
 from service.offline.stacked import mc_log_likelihood_stack, train_stack
-from service.offline.uci import ProtocolOptions, results_table, run_protocol
+from service.offline.uci import results_table, run_protocol
 from tests.helpers import write_uci_folder
 
 QUICK = ProtocolOptions(epochs=60, batch_size=32, val_mc_samples=50, mc_samples=200, progress=False)

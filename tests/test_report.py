@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from service.cli import main
-from service.offline.report import ReportOptions, fig_uncertainty_1d
+from service.offline.options import ReportOptions
+from service.offline.report import fig_uncertainty_1d
 from tests.helpers import (
     deep_regression_config,
     random_tensors,

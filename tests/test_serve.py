@@ -30,7 +30,7 @@ def worker_pids(pid: int) -> list[int]:
 
 
 def until_pending(url: str, thread: threading.Thread) -> None:
-    """Wait until the long request is in the runtime (admitted, computing)."""
+    """Wait until the long request is in the data plane (admitted, computing)."""
     while thread.is_alive() and scrape(url).get(PENDING, 0) < 1:
         time.sleep(0.01)
     assert thread.is_alive(), "the MC request ended before it could be observed"

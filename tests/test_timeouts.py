@@ -53,7 +53,7 @@ def read_until_closed(sock: socket.socket) -> bytes:
 @pytest.mark.parametrize(
     ("path", "content_type"),
     [
-        ("/v1/models/tiny/predict/mc", "application/json"),  # the short way reads it
+        ("/v1/models/tiny/predict/mc", "application/json"),  # the hot path reads it
         ("/v1/models/tiny/predict", "text/plain"),  # FastAPI reads it
         ("/v2/models/tiny/infer", "application/octet-stream"),  # the v2 handler reads it
     ],

@@ -11,7 +11,8 @@ import pytest
 from service.cli import main
 from service.core.repository import load_model
 from service.offline.datasets import UCIDataset
-from service.offline.training import TrainOptions, train_uci_regression
+from service.offline.options import TrainOptions
+from service.offline.training import train_uci_regression
 from tests.helpers import write_uci_folder
 
 QUICK = TrainOptions(hidden=(16,), epochs=3, batch_size=32, mc_samples=50, progress=False)

@@ -14,7 +14,8 @@ from service.core.engine import MLPEngine, dropout_noise
 from service.core.model import VanillaDropout, build_sequential
 from service.core.repository import load_model
 from service.offline.datasets import UCIDataset
-from service.offline.training import TrainOptions, train_uci_regression
+from service.offline.options import TrainOptions
+from service.offline.training import train_uci_regression
 from tests import test_training
 from tests.helpers import tiny_regression_config
 

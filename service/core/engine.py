@@ -214,6 +214,13 @@ def dropout(
     return x * dropout_noise(tuple(x.shape), p, generator, scaling, device=x.device)
 
 
+def train_pass_seeds(seed: int, k: int) -> list[int]:
+    """``k`` independent 63-bit seeds derived from ``seed`` (numpy's SeedSequence spawning):
+    the seeds of ``k`` single train-mode passes that all replay from one seed."""
+    children = np.random.SeedSequence(seed).spawn(k)
+    return [int(c.generate_state(1, np.uint64)[0]) >> 1 for c in children]
+
+
 def entropy(probs: Tensor) -> Tensor:
     """Shannon entropy (nats) over the last axis, with 0 log 0 = 0."""
     h: Tensor = -torch.special.xlogy(probs, probs).sum(-1)
@@ -328,7 +335,7 @@ class MLPEngine:
     # -- cost ------------------------------------------------------------------------------
 
     def eval_macs(self, rows: int) -> int:
-        """Multiply-adds of an eval pass over ``rows`` rows (what the runtime sizes work by)."""
+        """Multiply-adds of an eval pass over ``rows`` rows (what the data plane sizes jobs by)."""
         w = self.config.widths
         return rows * sum(a * b for a, b in itertools.pairwise(w))
 

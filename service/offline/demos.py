@@ -26,8 +26,8 @@ from service.offline.evaluation import (
     expected_calibration_error,
     negative_log_likelihood,
 )
+from service.offline.options import DIGITS_OPTIONS, SINE_GAP_OPTIONS, TrainOptions
 from service.offline.training import (
-    TrainOptions,
     TrainReport,
     fit,
     fit_regression,
@@ -37,30 +37,6 @@ from service.offline.training import (
 )
 
 _UNSET_SHA = "0" * 64
-
-#: Defaults of the shipped digits model (``dropout-service train-digits``).
-DIGITS_OPTIONS = TrainOptions(
-    hidden=(128, 128),
-    dropout=0.25,
-    input_dropout=False,
-    epochs=150,
-    batch_size=64,
-    lr=1e-3,
-    weight_decay=1e-4,
-    mc_samples=1000,
-)
-
-#: Defaults of the shipped sine-gap model (``dropout-service train-sine-gap``).
-SINE_GAP_OPTIONS = TrainOptions(
-    hidden=(128, 128),
-    dropout=0.2,
-    input_dropout=False,
-    epochs=300,
-    batch_size=32,
-    lr=1e-3,
-    weight_decay=1e-5,
-    mc_samples=1000,
-)
 
 #: Where the sine is observed, where the gap is, and how far "outside" reaches.
 SINE_INTERVALS = ((-5.0, -2.0), (2.0, 5.0))

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.core.engine import MLPEngine, Scaling
+from service.core.engine import MLPEngine, Scaling, train_pass_seeds
 from service.core.model import ModelConfig, build_sequential, load_into_sequential
 from service.core.repository import LoadedModel, ModelLoadError, load_model
-from service.offline.training import TrainOptions, fit
-from service.serving.dataplane import train_pass_seeds
+from service.offline.options import ReportOptions, TrainOptions
+from service.offline.training import fit
 
 #: The 1-D model issue 3 ships; figure 4 trains a small one when it is absent.
 GAP_MODEL = "sine-gap"
@@ -43,18 +43,6 @@ TOY_NOISE = 0.1
 TOY_ROWS = 160
 #: A large p makes the factor that vanilla needs at inference (1 - p = 0.5) impossible to miss.
 VANILLA_P = 0.5
-
-
-@dataclass(frozen=True)
-class ReportOptions:
-    repeats: int = 1000  # figure 1: identical calls
-    max_samples: int = 10_000  # figures 2 and 3: largest n_samples
-    latency_repeats: int = 30  # figure 3: timed calls per point (median reported)
-    toy_epochs: int = 400  # figures 4 and 5: full-batch epochs of the small 1-D models
-    seed: int = 0
-    # One intra-op thread by default: on a shared machine two threads spin-wait for a core and
-    # turn 0.3 ms into 30 ms; one thread measures the work, not the scheduler.
-    threads: int = 1
 
 
 @dataclass

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -33,26 +32,9 @@ from service.offline.evaluation import (
     mc_log_likelihood,
     rmse,
 )
+from service.offline.options import TrainOptions
 
 _UNSET_SHA = "0" * 64
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    hidden: tuple[int, ...] = (100, 100)
-    dropout: float = 0.01
-    input_dropout: bool = True
-    activation: str = "relu"
-    epochs: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    seed: int = 0
-    validation_fraction: float = 0.2
-    mc_samples: int = 1000
-    progress: bool = True
-    # "vanilla": unscaled masks in training, x (1-p) at eval (the config records it).
-    scaling: Literal["inverted", "vanilla"] = "inverted"
 
 
 @dataclass

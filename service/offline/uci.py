@@ -23,25 +23,11 @@ from service.core.engine import MLPEngine
 from service.core.model import ModelConfig, Standardization
 from service.offline.datasets import PUBLISHED, Split, UCIDataset
 from service.offline.evaluation import interval_coverage, mc_log_likelihood, rmse
+from service.offline.options import ProtocolOptions
 from service.offline.stacked import Stack, mc_log_likelihood_stack, train_stack
 from service.offline.training import standardization
 
 _UNSET_SHA = "0" * 64
-
-
-@dataclass(frozen=True)
-class ProtocolOptions:
-    splits: int | None = None  # run the first k splits; None: all of them
-    epochs: int | None = None  # None: n_epochs.txt x epoch_multiplier, as the paper's code
-    epoch_multiplier: int = 10
-    hidden: int | None = None  # units of the one hidden layer; None: n_hidden.txt
-    batch_size: int = 128
-    lengthscale: float = 1e-2
-    validation_fraction: float = 0.2
-    val_mc_samples: int = 1000
-    mc_samples: int = 10000
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass(frozen=True)

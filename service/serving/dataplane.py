@@ -1,36 +1,40 @@
-"""The data plane between HTTP and the engine: request checks, seeds, limits and threads.
+"""The data plane: one request in, one answer out, whatever protocol carried it.
 
-Tensor work runs through ``jobs.JobRunner``: on thread pools, so that the event loop keeps
-answering health checks while a large MC request computes, or on the event loop itself for
-a job of at most ``inline_max_macs`` multiply-adds, where the hand-off costs more than the
-work. Every protocol front end (v1, v2) calls this. No answer leaves with a number JSON
-cannot carry (``check_outputs``).
-Each request is admitted per model (bounded, with a deadline; see ``limits.Admission``);
-eval requests are coalesced by a per-model ``EvalBatcher`` or, with batching off, run alone
-through the same fixed-block forward pass, so both paths give the same bits.
+Like KServe's ``DataPlane``, it takes a protocol-neutral ``InferRequest`` (a model name and
+version, rows as JSON lists or a tensor, and MC parameters when the request asks for
+Monte-Carlo dropout) and returns an ``InferAnswer`` (named output tensors, and the
+``n_samples`` and ``seed`` an MC answer used). Inside: the checks of rows and widths
+against the model and the limits, the seed drawn when none was sent, per-model admission
+with its deadline, eval batching, the jobs that run on the event loop or on thread pools
+(``jobs.JobRunner``), and the refusal of any answer holding a number JSON cannot carry.
+REST v1, REST v2 and any later front door only translate.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from service.core.engine import MCResult
-from service.core.errors import InvalidInput, NotReady
+from service.core.engine import MCResult, train_pass_seeds
+from service.core.errors import InvalidInput, NotReady, VersionNotFound
 from service.core.repository import LoadedModel, ModelRepository
-from service.protocols.http.limits import Admission
+from service.serving.admission import Admission
 from service.serving.batching import EvalBatcher, blocked_predict
 from service.serving.jobs import JobRunner, Ran
 from service.serving.metrics import Metrics
 from service.serving.observe import annotate
-from service.serving.outputs import mc_outputs
+from service.serving.outputs import OUTPUT, mc_outputs
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 #: The smallest magnitude that rounds to infinity in float32 (FLT_MAX plus half an ulp).
 _FLOAT32_OVERFLOW = float(2**128 - 2**103)
@@ -39,11 +43,35 @@ Inputs = list[list[float]] | torch.Tensor
 
 
 @dataclass(frozen=True)
-class MCAnswer:
+class MCParams:
+    """Monte-Carlo dropout: ``n_samples`` passes (None: the default) from ``seed`` (None:
+    drawn, and returned so the answer replays)."""
+
+    n_samples: int | None = None
+    seed: int | None = None
+    return_samples: bool = False
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """One prediction request: eval when ``mc`` is None, else MC dropout."""
+
+    model: str
+    inputs: Inputs
+    version: str | None = None
+    mc: MCParams | None = None
+
+
+@dataclass(frozen=True)
+class InferAnswer:
+    """Named output tensors: ``output`` for eval (float32); ``mean``, ``variance``, ``std``
+    and the task's extras for MC (float64; ``samples`` float32), with the ``n_samples`` and
+    ``seed`` it used."""
+
     model: LoadedModel
-    n_samples: int
-    seed: int
-    result: MCResult
+    outputs: dict[str, torch.Tensor]
+    n_samples: int | None = None
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,10 +90,13 @@ class CompareAnswer:
     mc_seconds: float
 
 
-def train_pass_seeds(seed: int, k: int) -> list[int]:
-    """``k`` independent 63-bit seeds derived from ``seed`` (numpy's SeedSequence spawning)."""
-    children = np.random.SeedSequence(seed).spawn(k)
-    return [int(c.generate_state(1, np.uint64)[0]) >> 1 for c in children]
+@dataclass(frozen=True)
+class Readiness:
+    """What /readyz and the v2 health calls report."""
+
+    status: Literal["ready", "loading", "not ready"]
+    models: list[str]
+    failed: dict[str, str]
 
 
 def _check_finite(finite_rows: np.ndarray) -> None:
@@ -99,8 +130,8 @@ def check_outputs(model: LoadedModel, outputs: Mapping[str, torch.Tensor]) -> No
         )
 
 
-class Runtime:
-    """Validates requests against a model and the limits, then runs the engine."""
+class DataPlane:
+    """Serves the models of one repository: checks, admission, batching, jobs, answers."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -116,20 +147,120 @@ class Runtime:
         )
         self._batchers: dict[str, EvalBatcher] = {}
 
-    def model(self, name: str) -> LoadedModel:
+    # -- the repository -------------------------------------------------------------------
+
+    async def load(self, device: str) -> None:
+        """Load the repository off the event loop, then publish it (readiness follows)."""
+        s = self.settings
+        try:
+            repo = await asyncio.to_thread(ModelRepository.load, s.model_dir, device, s.mc_mask)
+        except Exception as exc:  # an unreadable repository: say so in readiness, never hang
+            log.error("could not read the model repository %s", s.model_dir, exc_info=exc)
+            reason = (
+                exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            )
+            repo = ModelRepository(failures={"(repository)": f"could not be read: {reason}"})
+        for model in repo:
+            c = model.config
+            self.metrics.model_info.labels(c.name, c.version, c.sha256, c.task).set(1)
+        self.repository = repo
+
+    def readiness(self) -> Readiness:
+        """Ready once loaded, with every model (or, if allowed, some) served."""
+        repo = self.repository
+        if repo is None:
+            return Readiness("loading", [], {})
+        ok = bool(repo.models) and (not repo.failures or self.settings.allow_partial_ready)
+        return Readiness("ready" if ok else "not ready", sorted(repo.models), dict(repo.failures))
+
+    def model(self, name: str, version: str | None = None) -> LoadedModel:
+        """The served model of that name (and version, when one is named)."""
         if self.repository is None:
             raise NotReady("models are still loading")
-        return self.repository.get(name)
+        model = self.repository.get(name)
+        if version is not None and version != model.config.version:
+            raise VersionNotFound(name, version, model.config.version)
+        return model
+
+    def models(self) -> list[LoadedModel]:
+        return list(self.repository) if self.repository else []
 
     def replay_scope(self, model: LoadedModel) -> dict[str, str | int]:
         """What an answer's bits depend on beyond the request (DESIGN.md contract 6)."""
         return {**model.engine.replay_scope(), "eval_block_rows": self.settings.eval_block_rows}
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferAnswer:
+        """Answer one request: eval, or MC dropout when ``request.mc`` says so."""
+        model = self.model(request.model, request.version)
+        x = self.to_tensor(model, request.inputs)
+        if request.mc is None:
+            return InferAnswer(model, {OUTPUT: await self._predict(model, x)})
+        mc = request.mc
+        n = self.n_samples(mc.n_samples)
+        annotate(n_samples=n)
+        seed = secrets.randbits(63) if mc.seed is None else mc.seed
+        if mc.return_samples:
+            self._check_sample_values(n, x, model)
+        async with self._admission.admit(model.config.name):
+            ran = await self._mc(model, x, n, seed, mc.return_samples)
+        self.metrics.child(self.metrics.mc_samples, model.config.name).observe(n)
+        self.metrics.child(self.metrics.compute, model.config.name, "mc").observe(ran.compute_s)
+        self._observe(model, "mc", ran)
+        return InferAnswer(model, mc_outputs(model.config, ran.result), n, seed)
+
+    async def compare(
+        self,
+        name: str,
+        inputs: Inputs,
+        n_samples: int | None,
+        seed: int | None,
+        n_train_passes: int,
+    ) -> CompareAnswer:
+        """What eval, a model left in train mode, and MC dropout answer to the same rows."""
+        model = self.model(name)
+        x = self.to_tensor(model, inputs)
+        n = self.n_samples(n_samples)
+        annotate(n_samples=n)
+        seed = secrets.randbits(63) if seed is None else seed
+        seeds = train_pass_seeds(seed, n_train_passes)
+        engine = model.engine
+
+        def train_pass(s: int) -> Callable[[Callable[[], bool]], torch.Tensor]:
+            return lambda _: engine.train_pass(x, s)
+
+        async with self._admission.admit(model.config.name):
+            # Each piece runs where predict and predict/mc would run it, so all three answer
+            # the same bits for the same rows and seed.
+            ev = await self._eval(model, x)
+            passes = [
+                await self.jobs.run(train_pass(s), engine.mc_macs(len(x), 1), "mc") for s in seeds
+            ]
+            mc = await self._mc(model, x, n, seed, False)
+        train_passes = torch.stack([p.result for p in passes])
+        check_outputs(model, {"eval": ev.result, "train_passes": train_passes.transpose(0, 1)})
+        return CompareAnswer(
+            model=model,
+            n_samples=n,
+            seed=seed,
+            eval=ev.result,
+            train_pass_seeds=seeds,
+            train_passes=train_passes,
+            mc=mc.result,
+            eval_seconds=ev.compute_s,
+            train_pass_seconds=[p.compute_s for p in passes],
+            mc_seconds=mc.compute_s,
+        )
+
+    # -- checks ---------------------------------------------------------------------------
 
     def to_tensor(self, model: LoadedModel, inputs: Inputs) -> torch.Tensor:
         """Check rows and widths against the model and the limits; return ``(B, in)``.
 
         ``inputs`` is JSON rows (v1) or an already decoded ``(B, in)`` tensor (v2 tensors).
         """
+        annotate(model=model.config.name, rows=len(inputs))
         if len(inputs) > self.settings.max_rows:
             raise InvalidInput(
                 ["inputs"], f"{len(inputs)} rows exceed the maximum of {self.settings.max_rows}"
@@ -158,100 +289,34 @@ class Runtime:
             )
         return n
 
-    async def predict(self, name: str, inputs: Inputs) -> tuple[LoadedModel, torch.Tensor]:
-        model = self.model(name)
-        x = self.to_tensor(model, inputs)
-        annotate(model=model.config.name, rows=len(x))
+    def _check_sample_values(self, n: int, x: torch.Tensor, model: LoadedModel) -> None:
+        values = n * x.shape[0] * model.config.output_dim
+        if values > self.settings.max_sample_values:
+            raise InvalidInput(
+                ["return_samples"],
+                f"samples would hold {values} values, over the limit of "
+                f"{self.settings.max_sample_values}; lower n_samples or rows",
+            )
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    async def _predict(self, model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
         async with self._admission.admit(model.config.name):
             if self.settings.batching:
                 ran = await self._batcher(model).predict(x)
             else:
                 ran = await self._eval(model, x)
                 self.metrics.observe_batch(model.config.name, 1, len(x), ran.compute_s)
-        check_outputs(model, {"output": ran.result})
+        check_outputs(model, {OUTPUT: ran.result})
         self._observe(model, "eval", ran)
-        return model, ran.result
-
-    async def predict_mc(
-        self,
-        name: str,
-        inputs: Inputs,
-        n_samples: int | None,
-        seed: int | None,
-        return_samples: bool = False,
-    ) -> MCAnswer:
-        model = self.model(name)
-        x = self.to_tensor(model, inputs)
-        n = self.n_samples(n_samples)
-        annotate(model=model.config.name, rows=len(x), n_samples=n)
-        seed = secrets.randbits(63) if seed is None else seed
-        if return_samples:
-            values = n * x.shape[0] * model.config.output_dim
-            if values > self.settings.max_sample_values:
-                raise InvalidInput(
-                    ["return_samples"],
-                    f"samples would hold {values} values, over the limit of "
-                    f"{self.settings.max_sample_values}; lower n_samples or rows",
-                )
-        async with self._admission.admit(model.config.name):
-            ran = await self._mc(model, x, n, seed, return_samples)
-        self.metrics.child(self.metrics.mc_samples, model.config.name).observe(n)
-        self.metrics.child(self.metrics.compute, model.config.name, "mc").observe(ran.compute_s)
-        self._observe(model, "mc", ran)
-        return MCAnswer(model=model, n_samples=n, seed=seed, result=ran.result)
-
-    async def compare(
-        self,
-        name: str,
-        inputs: list[list[float]],
-        n_samples: int | None,
-        seed: int | None,
-        n_train_passes: int,
-    ) -> CompareAnswer:
-        """What eval, a model left in train mode, and MC dropout answer to the same rows."""
-        model = self.model(name)
-        x = self.to_tensor(model, inputs)
-        n = self.n_samples(n_samples)
-        seed = secrets.randbits(63) if seed is None else seed
-        seeds = train_pass_seeds(seed, n_train_passes)
-        engine = model.engine
-        annotate(model=model.config.name, rows=len(x), n_samples=n)
-
-        def train_pass(s: int) -> Callable[[Callable[[], bool]], torch.Tensor]:
-            return lambda _: engine.train_pass(x, s)
-
-        async with self._admission.admit(model.config.name):
-            # Each piece runs where predict and predict/mc would run it, so all three answer
-            # the same bits for the same rows and seed.
-            ev = await self._eval(model, x)
-            passes = [
-                await self.jobs.run(train_pass(s), engine.mc_macs(len(x), 1), "mc") for s in seeds
-            ]
-            mc = await self._mc(model, x, n, seed, False)
-        train_passes = torch.stack([p.result for p in passes])
-        check_outputs(model, {"eval": ev.result, "train_passes": train_passes.transpose(0, 1)})
-        return CompareAnswer(
-            model=model,
-            n_samples=n,
-            seed=seed,
-            eval=ev.result,
-            train_pass_seeds=seeds,
-            train_passes=train_passes,
-            mc=mc.result,
-            eval_seconds=ev.compute_s,
-            train_pass_seconds=[p.compute_s for p in passes],
-            mc_seconds=mc.compute_s,
-        )
+        return ran.result
 
     async def _eval(self, model: LoadedModel, x: torch.Tensor) -> Ran[torch.Tensor]:
         """One eval job over zero-padded blocks, as a batch of one."""
         block = self.settings.eval_block_rows
         padded = -(-len(x) // block) * block
-        return await self.jobs.run(
-            lambda _: blocked_predict(model.engine, x, block),
-            model.engine.eval_macs(padded),
-            "eval",
-        )
+        macs = model.engine.eval_macs(padded)
+        return await self.jobs.run(lambda _: blocked_predict(model.engine, x, block), macs, "eval")
 
     async def _mc(
         self, model: LoadedModel, x: torch.Tensor, n: int, seed: int, return_samples: bool
@@ -275,7 +340,6 @@ class Runtime:
         batcher = self._batchers.get(name)
         if batcher is None:
             s = self.settings
-
             batcher = self._batchers[name] = EvalBatcher(
                 name,
                 model.engine,

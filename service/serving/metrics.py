@@ -1,4 +1,4 @@
-"""Prometheus metrics: one registry per app (``accesslog.Observed`` feeds the HTTP ones).
+"""Prometheus metrics: one registry per app; the front doors count their requests here.
 
 With several worker processes (``serve --workers N``) each worker writes its values to files
 in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, set up by the
@@ -9,13 +9,11 @@ up all of them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
-from starlette.types import Scope
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -63,7 +61,7 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
-        # Runtime: labelled by model and kind ("eval" or "mc"), whichever protocol asked.
+        # The data plane's: labelled by model and kind ("eval" or "mc"), whichever protocol asked.
         self.queue_wait = Histogram(
             "dropout_inference_queue_wait_seconds",
             "Time from admission to the start of the forward pass that served the request.",
@@ -142,13 +140,11 @@ class Metrics:
         return child  # type: ignore[return-value]
 
     def observe_request(
-        self, scope: Scope, status: int, seconds: float, known_model: Callable[[str], bool]
+        self, method: str, endpoint: str, model: str, status: int, seconds: float
     ) -> None:
-        """Count and time one answered HTTP request by route template, model and status."""
-        endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
-        name = scope.get("path_params", {}).get("name")
-        model = name if name and known_model(name) else ""
-        labels = (scope["method"], endpoint, model, str(status))
+        """Count and time one answered request by method, endpoint template, model (a served
+        model's name, else "") and status."""
+        labels = (method, endpoint, model, str(status))
         self.child(self.requests, *labels).inc()
         self.child(self.latency, *labels).observe(seconds)
 

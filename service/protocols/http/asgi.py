@@ -2,7 +2,7 @@
 
 Every middleware reads headers through ``headers``: parsed once per request, the first of
 repeated headers winning as in Starlette's ``Request.headers``, so that the size limit, the
-JSON guard, the short way and the handlers never disagree about a Content-Type.
+JSON guard, the hot path and the handlers never disagree about a Content-Type.
 """
 
 from __future__ import annotations

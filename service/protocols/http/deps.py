@@ -1,4 +1,4 @@
-"""Dependencies that hand the app's runtime and settings to handlers (tests override them)."""
+"""The data plane, handed to route handlers as a dependency (tests may override it)."""
 
 from __future__ import annotations
 
@@ -6,23 +6,16 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.serving.dataplane import Runtime
-from service.settings import Settings
+from service.serving.dataplane import DataPlane
 
 
-def runtime_of(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
+def plane_of(request: Request) -> DataPlane:
+    plane: DataPlane = request.app.state.plane
+    return plane
 
 
-async def get_runtime(request: Request) -> Runtime:
-    return runtime_of(request)
+async def get_plane(request: Request) -> DataPlane:
+    return plane_of(request)
 
 
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+PlaneDep = Annotated[DataPlane, Depends(get_plane)]

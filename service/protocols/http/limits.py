@@ -4,34 +4,25 @@
   arrive in time get 408.
 * ``JSONGuard``: JSON bodies that are not UTF-8 or nest too deep get a 422 (v2: 400) before
   any parser runs; checked in linear time without recursion.
-* ``Admission``: a bounded number of requests per model in the runtime at once (queued or
-  computing); past it a fast 503 with Retry-After, never an unbounded queue. Each admitted
-  request has a deadline; past it a 504 rather than a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import numpy as np
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.core.errors import (
-    DeadlineExceeded,
-    InvalidInput,
-    Overloaded,
-    error_response,
+from service.core.errors import InvalidInput
+from service.protocols.http.asgi import header, headers, read_body, replay
+from service.protocols.http.errors import (
     is_json_media_type,
+    v1_error_response,
     v2_error_response,
 )
-from service.protocols.http.asgi import header, headers, read_body, replay
-from service.serving.metrics import Metrics
 
 # A JSON string, possibly unterminated. Possessive quantifiers keep the match linear: a body
 # of a million backslashes and quotes cannot make the regex backtrack.
@@ -90,9 +81,17 @@ class BodyLimits:
         return JSONResponse({"detail": self._detail()}, status_code=413)
 
 
-def http_error_response(exc: HTTPException) -> JSONResponse:
-    """The answer to an HTTPException raised while reading a body (413, 408)."""
-    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+async def buffer_body(scope: Scope, receive: Receive, send: Send) -> bytes | None:
+    """The whole body; or None when there is nobody to hand it to: the client went away
+    mid-body, or ``BodyLimits`` refused it (over the limit, or too slow), and its answer
+    has been sent."""
+    try:
+        return await read_body(receive)
+    except HTTPException as exc:
+        await JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)(
+            scope, receive, send
+        )
+        return None
 
 
 def json_depth(body: bytes) -> int:
@@ -136,55 +135,14 @@ class JSONGuard:
         if scope["type"] != "http" or not is_json_media_type(header(scope, b"content-type")):
             await self.app(scope, receive, send)
             return
-        try:
-            body = await read_body(receive)
-        except HTTPException as exc:  # BodyLimits: a body over the limit, or too slow
-            await http_error_response(exc)(scope, receive, send)
-            return
-        if body is None:  # the client went away mid-body: nobody to answer
+        body = await buffer_body(scope, receive, send)
+        if body is None:
             return
         problem = json_problem(body, self.max_depth)
         if problem is not None:
             error = InvalidInput([], problem)
             # Each protocol answers bad input its own way: v2 with 400 {"error": ...}.
             v2 = scope["path"].startswith("/v2/") and v2_error_response(error)
-            await (v2 or error_response(error))(scope, receive, send)
+            await (v2 or v1_error_response(error))(scope, receive, send)
             return
         await self.app(scope, replay(body, receive), send)
-
-
-class Admission:
-    """Per-model admission control and deadlines for the runtime."""
-
-    def __init__(self, max_pending: int, timeout_s: float, metrics: Metrics) -> None:
-        self.max_pending = max_pending
-        self.timeout_s = timeout_s
-        self.metrics = metrics
-        self._pending: Counter[str] = Counter()
-
-    @asynccontextmanager
-    async def admit(self, model: str) -> AsyncIterator[None]:
-        """Hold one of ``model``'s slots for the body; raise ``Overloaded`` if none is free
-        and ``DeadlineExceeded`` if the body outlives the deadline (its queued work is
-        cancelled; a forward pass already running finishes in its thread, unobserved)."""
-        if self._pending[model] >= self.max_pending:
-            self.metrics.child(self.metrics.rejected, model, "overloaded").inc()
-            raise Overloaded(
-                f"model {model!r} has {self.max_pending} requests in progress; retry later"
-            )
-        self._pending[model] += 1
-        self.metrics.child(self.metrics.pending, model).inc()
-        deadline = asyncio.timeout(self.timeout_s)
-        try:
-            async with deadline:
-                yield
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            self.metrics.child(self.metrics.rejected, model, "deadline").inc()
-            raise DeadlineExceeded(
-                f"model {model!r} did not answer within {self.timeout_s:g} s"
-            ) from None
-        finally:
-            self._pending[model] -= 1
-            self.metrics.child(self.metrics.pending, model).dec()

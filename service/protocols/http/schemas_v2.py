@@ -45,10 +45,6 @@ class InferParameters(_Request):
         False, description="Send every output as binary data unless the output says otherwise."
     )
 
-    @property
-    def monte_carlo(self) -> bool:
-        return any(v is not None for v in (self.n_samples, self.seed, self.return_samples))
-
 
 class InputParameters(_Request):
     binary_data_size: StrictInt | None = Field(

@@ -1,17 +1,21 @@
-"""The v1 JSON API: model metadata, eval predictions, Monte-Carlo-dropout predictions."""
+"""REST v1: model metadata, eval and Monte-Carlo-dropout predictions, and compare.
+
+Each handler validates its schema, asks the data plane, and writes the answer. The predict
+bodies are written with orjson by ``answer`` (which the hot path calls too): a FastAPI
+response model would validate the answer a second time and run its generic encoder, which
+costs more than the forward pass of a small model. tests/test_api.py checks the bodies
+against their documented models.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
-import torch
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Path, Response
 
-from service.core.engine import MCResult
-from service.core.model import ModelConfig
 from service.core.repository import LoadedModel
-from service.protocols.http.deps import RuntimeDep, runtime_of
+from service.protocols.http.deps import PlaneDep
 from service.protocols.http.schemas_v1 import (
     CompareRequest,
     CompareResponse,
@@ -26,8 +30,8 @@ from service.protocols.http.schemas_v1 import (
     ReplayScope,
     ValidationErrorBody,
 )
-from service.serving.dataplane import Runtime
-from service.serving.outputs import mc_outputs
+from service.serving.dataplane import DataPlane, InferAnswer, InferRequest, MCParams
+from service.serving.outputs import OUTPUT, mc_outputs
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
@@ -39,15 +43,17 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     **_NOT_FOUND,
+    408: {"model": ErrorBody, "description": "The body did not arrive in time."},
     413: {"model": ErrorBody, "description": "Body over the size limit."},
     503: {
         "model": ErrorBody,
         "description": "Not ready or overloaded; retry after Retry-After seconds.",
     },
+    504: {"model": ErrorBody, "description": "Past the request deadline."},
 }
 
 
-def metadata(runtime: Runtime, model: LoadedModel) -> ModelMetadata:
+def metadata(plane: DataPlane, model: LoadedModel) -> ModelMetadata:
     config = model.config
     return ModelMetadata(
         name=config.name,
@@ -64,81 +70,65 @@ def metadata(runtime: Runtime, model: LoadedModel) -> ModelMetadata:
         noise_variance=config.noise_variance,
         sha256=config.sha256,
         metrics=config.metrics,
-        replay=ReplayScope.model_validate(runtime.replay_scope(model)),
+        replay=ReplayScope.model_validate(plane.replay_scope(model)),
     )
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(runtime: RuntimeDep) -> ModelList:
+async def list_models(plane: PlaneDep) -> ModelList:
     """Every model being served."""
-    repo = runtime.repository
-    return ModelList(models=[metadata(runtime, m) for m in repo] if repo else [])
+    return ModelList(models=[metadata(plane, m) for m in plane.models()])
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=_NOT_FOUND)
-async def get_model(runtime: RuntimeDep, name: str = ModelName) -> ModelMetadata:
+async def get_model(plane: PlaneDep, name: str = ModelName) -> ModelMetadata:
     """One model's metadata."""
-    return metadata(runtime, runtime.model(name))
-
-
-# The two predict routes are the hot path. A well-formed request is answered by
-# ``fastpath.FastPredict`` before it reaches FastAPI; these handlers serve the rest (and the
-# OpenAPI document). Both write their documented model's fields with orjson: a FastAPI
-# response model would validate the answer a second time and run its generic encoder, which
-# costs more than the forward pass of a small model. tests/test_api.py checks the bodies.
-
-
-def json_response(payload: dict[str, Any]) -> Response:
-    """A JSON body as FastAPI's encoder writes it (non-finite floats become null)."""
-    return Response(orjson.dumps(payload), media_type="application/json")
+    return metadata(plane, plane.model(name))
 
 
 @router.post("/models/{name}/predict", response_model=PredictResponse, responses=_PREDICT_ERRORS)
-async def predict(body: PredictRequest, request: Request, name: str = ModelName) -> Response:
+async def predict(body: PredictRequest, plane: PlaneDep, name: str = ModelName) -> Response:
     """Eval-mode prediction: dropout off, the same input gives the same bits every time."""
-    model, outputs = await runtime_of(request).predict(name, body.inputs)
-    return json_response(eval_fields(model.config, outputs))
+    return json_response(await answer(plane, name, body))
 
 
 @router.post("/models/{name}/predict/mc", response_model=MCResponse, responses=_PREDICT_ERRORS)
-async def predict_mc(body: MCRequest, request: Request, name: str = ModelName) -> Response:
+async def predict_mc(body: MCRequest, plane: PlaneDep, name: str = ModelName) -> Response:
     """Monte-Carlo dropout: T seeded stochastic passes summarised; replayable from `seed`."""
-    answer = await runtime_of(request).predict_mc(
-        name, body.inputs, body.n_samples, body.seed, body.return_samples
-    )
-    return json_response(
-        mc_fields(answer.model.config, answer.n_samples, answer.seed, answer.result)
-    )
+    return json_response(await answer(plane, name, body))
 
 
-def eval_fields(config: ModelConfig, outputs: torch.Tensor) -> dict[str, Any]:
-    """Every field of ``PredictResponse``."""
-    return {"model": config.name, "version": config.version, "outputs": outputs.tolist()}
+async def answer(plane: DataPlane, name: str, body: PredictRequest) -> dict[str, Any]:
+    """The answer to a predict (``PredictRequest``) or predict/mc (``MCRequest``) body."""
+    mc = None
+    if isinstance(body, MCRequest):
+        mc = MCParams(body.n_samples, body.seed, body.return_samples)
+    return fields(await plane.infer(InferRequest(name, body.inputs, mc=mc)))
 
 
-def mc_fields(config: ModelConfig, n_samples: int, seed: int, result: MCResult) -> dict[str, Any]:
-    """The fields of ``MCResponse`` this answer has: those of another task, or samples not
-    asked for, are left out rather than sent as null."""
-    return {
-        "model": config.name,
-        "version": config.version,
-        "n_samples": n_samples,
-        "seed": seed,
-        **{k: t.tolist() for k, t in mc_outputs(config, result).items()},
-    }
+def fields(a: InferAnswer) -> dict[str, Any]:
+    """Every field of ``PredictResponse``, or those of ``MCResponse`` that the answer has
+    (those of another task, or samples not asked for, are left out rather than null)."""
+    head: dict[str, Any] = {"model": a.model.config.name, "version": a.model.config.version}
+    if a.n_samples is None:
+        return {**head, "outputs": a.outputs[OUTPUT].tolist()}
+    summaries = {k: t.tolist() for k, t in a.outputs.items()}
+    return {**head, "n_samples": a.n_samples, "seed": a.seed, **summaries}
+
+
+def json_response(payload: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(payload), media_type="application/json")
 
 
 @router.post("/models/{name}/compare", response_model=CompareResponse, responses=_PREDICT_ERRORS)
-async def compare(
-    body: CompareRequest, runtime: RuntimeDep, name: str = ModelName
-) -> CompareResponse:
+async def compare(body: CompareRequest, plane: PlaneDep, name: str = ModelName) -> CompareResponse:
     """Eval against train-mode passes against MC dropout, for the same rows, with timings.
 
     Shows why production serves eval: `train_passes` is what a service that forgot
     `model.eval()` answers to identical calls (they differ); `gap` is how far eval's cheap
     weight-scaling approximation sits from the MC mean.
     """
-    a = await runtime.compare(name, body.inputs, body.n_samples, body.seed, body.n_train_passes)
+    a = await plane.compare(name, body.inputs, body.n_samples, body.seed, body.n_train_passes)
     config = a.model.config
     mc = mc_outputs(config, a.mc)  # the very tensors predict/mc answers with
     return CompareResponse(

@@ -1,15 +1,14 @@
-"""The Open Inference Protocol (KServe V2) REST API, beside v1 on the same data plane.
+"""The Open Inference Protocol (KServe V2) over REST, beside v1 on the same data plane.
 
-Eval requests answer output ``output`` (FP32, as the engine computes it). Request parameters
-``n_samples``, ``seed`` or ``return_samples`` select Monte-Carlo dropout, answered as FP64
-tensors ``mean``, ``variance``, ``std`` and the task's extras: the engine's float64 summaries,
-so v2 and v1 carry the same bits. Errors are the protocol's ``{"error": "..."}``.
+The protocol's rules (the input, the outputs, the MC parameters) are in ``protocols.oip``;
+this module carries them in JSON or in the binary tensor extension. Errors are the
+protocol's ``{"error": "..."}`` (``errors.v2_error_response``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
 import torch
@@ -19,16 +18,12 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 
 from service import __version__
-from service.core.errors import (
-    RETRY_AFTER_SECONDS,
-    InvalidInput,
-    VersionNotFound,
-    v2_error_response,
-)
+from service.core.errors import RETRY_AFTER_SECONDS, InvalidInput
 from service.core.model import ModelConfig
 from service.core.repository import LoadedModel
-from service.protocols.http import health
-from service.protocols.http.deps import RuntimeDep
+from service.protocols import oip
+from service.protocols.http.deps import PlaneDep
+from service.protocols.http.errors import v2_error_response
 from service.protocols.http.schemas_v2 import (
     ErrorV2,
     InferenceRequest,
@@ -36,7 +31,6 @@ from service.protocols.http.schemas_v2 import (
     InferParameters,
     ModelMetadata,
     ModelReady,
-    RequestOutput,
     ServerLive,
     ServerMetadata,
     ServerReady,
@@ -53,12 +47,7 @@ from service.protocols.tensors import (
     to_bytes,
     to_json,
 )
-from service.serving.outputs import mc_outputs
-
-INPUT = "input"
-OUTPUT = "output"
-INPUT_DATATYPE = "FP32"
-EXTENSIONS = ["binary_tensor_data"]
+from service.serving.dataplane import DataPlane, InferAnswer, InferRequest
 
 
 class V2Route(APIRoute):
@@ -89,47 +78,31 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def served(request: Request, runtime: RuntimeDep, name: str = ModelName) -> LoadedModel:
-    """The model the path names, in the version it names (``_version`` declares that)."""
-    model = runtime.model(name)
-    version = request.path_params.get("version")
-    if version is not None and version != model.config.version:
-        raise VersionNotFound(name, version, model.config.version)
-    return model
-
-
 def _version(
     version: str = Path(description="Model version, as its config.json states.", max_length=64),
 ) -> None:
-    """Validates and documents ``{version}`` on the versioned paths; ``served`` reads it."""
+    """Validates and documents ``{version}`` on the versioned paths."""
 
 
-ServedModel = Annotated[LoadedModel, Depends(served)]
 _VERSIONED: dict[str, Any] = {"dependencies": [Depends(_version)]}
 
 
-def model_metadata(config: ModelConfig, replay: dict[str, str | int]) -> ModelMetadata:
-    rows, out = -1, config.output_dim
-    mc = ["mean", "variance", "std"]
-    if config.noise_variance is not None:
-        mc.append("predictive_variance")
-    outputs = [TensorMetadata(name=OUTPUT, datatype="FP32", shape=[rows, out])]
-    outputs += [TensorMetadata(name=n, datatype="FP64", shape=[rows, out]) for n in mc]
-    if config.task == "classification":
-        outputs += [
-            TensorMetadata(name=n, datatype="FP64", shape=[rows])
-            for n in ("entropy", "mutual_information")
-        ]
-    outputs.append(TensorMetadata(name="samples", datatype="FP32", shape=[-1, rows, out]))
+def served(plane: DataPlane, request: Request, name: str) -> LoadedModel:
+    """The model the path names, in the version it names."""
+    return plane.model(name, request.path_params.get("version"))
+
+
+def model_metadata(plane: DataPlane, model: LoadedModel) -> ModelMetadata:
+    def tensors(specs: list[oip.TensorSpec]) -> list[TensorMetadata]:
+        return [TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in specs]
+
     return ModelMetadata(
-        name=config.name,
-        versions=[config.version],
-        platform="pytorch",
-        inputs=[
-            TensorMetadata(name=INPUT, datatype=INPUT_DATATYPE, shape=[rows, config.input_dim])
-        ],
-        outputs=outputs,
-        parameters=dict(replay),
+        name=model.config.name,
+        versions=[model.config.version],
+        platform=oip.PLATFORM,
+        inputs=tensors(oip.input_specs(model.config)),
+        outputs=tensors(oip.output_specs(model.config)),
+        parameters=dict(plane.replay_scope(model)),
     )
 
 
@@ -140,9 +113,9 @@ async def live() -> ServerLive:
 
 
 @router.get("/health/ready", response_model=ServerReady, responses={503: {"model": ServerReady}})
-async def ready(runtime: RuntimeDep) -> Response:
+async def ready(plane: PlaneDep) -> Response:
     """200 when /readyz is: every model loaded (or partial readiness allowed); else 503."""
-    ok = health.readiness(runtime).status == "ready"
+    ok = plane.readiness().status == "ready"
     body = ServerReady(ready=ok).model_dump_json()
     if ok:
         return Response(body, media_type="application/json")
@@ -153,7 +126,7 @@ async def ready(runtime: RuntimeDep) -> Response:
 @router.get("", response_model=ServerMetadata)
 async def server_metadata() -> ServerMetadata:
     """Server name, version and protocol extensions."""
-    return ServerMetadata(name="dropout-service", version=__version__, extensions=EXTENSIONS)
+    return ServerMetadata(name="dropout-service", version=__version__, extensions=oip.EXTENSIONS)
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=_ERRORS)
@@ -163,10 +136,10 @@ async def server_metadata() -> ServerMetadata:
     responses=_ERRORS,
     **_VERSIONED,
 )
-async def get_model(model: ServedModel, runtime: RuntimeDep) -> ModelMetadata:
+async def get_model(plane: PlaneDep, request: Request, name: str = ModelName) -> ModelMetadata:
     """Inputs and outputs with datatypes and shapes (-1: any number of rows), and in
     `parameters` what a replay of an answer depends on."""
-    return model_metadata(model.config, runtime.replay_scope(model))
+    return model_metadata(plane, served(plane, request, name))
 
 
 @router.get("/models/{name}/ready", response_model=ModelReady, responses=_ERRORS)
@@ -176,9 +149,9 @@ async def get_model(model: ServedModel, runtime: RuntimeDep) -> ModelMetadata:
     responses=_ERRORS,
     **_VERSIONED,
 )
-async def model_ready(model: ServedModel) -> ModelReady:
+async def model_ready(plane: PlaneDep, request: Request, name: str = ModelName) -> ModelReady:
     """200 once the model is loaded; 404 unknown, 503 while loading."""
-    return ModelReady(name=model.config.name, ready=True)
+    return ModelReady(name=served(plane, request, name).config.name, ready=True)
 
 
 _INFER: dict[str, Any] = {
@@ -195,48 +168,34 @@ _INFER: dict[str, Any] = {
 
 @router.post("/models/{name}/infer", **_INFER)
 @router.post("/models/{name}/versions/{version}/infer", **_INFER, **_VERSIONED)
-async def infer(request: Request, runtime: RuntimeDep, model: ServedModel) -> Response:
+async def infer(plane: PlaneDep, request: Request, name: str = ModelName) -> Response:
     """Eval prediction, or MC dropout when parameters name `n_samples`, `seed` or
     `return_samples`. The body is JSON (any or no Content-Type), or a JSON header of
     `Inference-Header-Content-Length` bytes followed by binary tensors."""
-    header, tail = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
-    body = InferenceRequest.model_validate_json(header)
-    x = input_tensor(model.config, body, tail)
-    params = body.parameters or InferParameters()
-    answer_params: dict[str, Any] | None = None
-    if params.monte_carlo:
-        mc = await runtime.predict_mc(
-            model.config.name, x, params.n_samples, params.seed, bool(params.return_samples)
-        )
-        outputs = mc_outputs(mc.model.config, mc.result)
-        answer_params = {"n_samples": mc.n_samples, "seed": mc.seed}
-    else:
-        _, y = await runtime.predict(model.config.name, x)
-        outputs = {OUTPUT: y}
-    return encode(model.config, body, params, outputs, answer_params)
+    version = request.path_params.get("version")
+    body = await request.body()
+    return await infer_response(plane, name, version, body, request.headers.get(HEADER_LENGTH))
+
+
+async def infer_response(
+    plane: DataPlane, name: str, version: str | None, body: bytes, header_length: str | None
+) -> Response:
+    """The answer to an infer body (the route and the hot path both call this)."""
+    model = plane.model(name, version)
+    header, tail = split_body(body, header_length)
+    request = InferenceRequest.model_validate_json(header)
+    x = input_tensor(model.config, request, tail)
+    params = request.parameters or InferParameters()
+    mc = oip.mc_params(params.n_samples, params.seed, params.return_samples)
+    answer = await plane.infer(InferRequest(model.config.name, x, version, mc))
+    return encode(answer, request, params)
 
 
 def input_tensor(config: ModelConfig, body: InferenceRequest, tail: bytes) -> torch.Tensor:
     """The one ``input`` tensor, ``(rows, input_dim)`` FP32, from JSON data or binary bytes."""
-    if len(body.inputs) != 1 or body.inputs[0].name != INPUT:
-        names = [i.name[:64] for i in body.inputs]
-        raise InvalidInput(
-            ["inputs"], f"inputs {names}: model {config.name!r} takes one input, {INPUT!r}"
-        )
+    names = [i.name for i in body.inputs]
     spec = body.inputs[0]
-    where = f"input {INPUT!r}"
-    if spec.datatype != INPUT_DATATYPE:
-        raise InvalidInput(
-            ["inputs", 0, "datatype"],
-            f"{where} has datatype {spec.datatype[:16]!r}; model {config.name!r} takes "
-            f"{INPUT_DATATYPE}",
-        )
-    if len(spec.shape) != 2 or spec.shape[0] < 1 or spec.shape[1] != config.input_dim:
-        raise InvalidInput(
-            ["inputs", 0, "shape"],
-            f"{where} has shape {spec.shape[:8]}; model {config.name!r} takes "
-            f"[rows >= 1, {config.input_dim}]",
-        )
+    where = oip.check_input(config, names, spec.datatype, spec.shape)
     size = spec.parameters.binary_data_size if spec.parameters else None
     (raw,) = binary_chunks([size], tail)
     if raw is not None:
@@ -248,40 +207,28 @@ def input_tensor(config: ModelConfig, body: InferenceRequest, tail: bytes) -> to
     return from_json(spec.data, spec.shape, spec.datatype, where)
 
 
-def encode(
-    config: ModelConfig,
-    body: InferenceRequest,
-    params: InferParameters,
-    outputs: dict[str, torch.Tensor],
-    answer_params: dict[str, Any] | None,
-) -> Response:
+def encode(answer: InferAnswer, body: InferenceRequest, params: InferParameters) -> Response:
     """The response: JSON, or a JSON header followed by the outputs asked for as binary."""
-    requested = body.outputs or [RequestOutput(name=n) for n in outputs]
+    requested = {o.name: o for o in body.outputs or ()}
     entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
-    for out in requested:
-        t = outputs.get(out.name)
-        if t is None:
-            raise InvalidInput(["outputs"], unknown_output(out.name, list(outputs)))
-        entry: dict[str, Any] = {
-            "name": out.name,
-            "shape": list(t.shape),
-            "datatype": datatype_of(t),
-        }
-        flag = out.parameters.binary_data if out.parameters else None
+    for name, t in oip.pick_outputs(answer.outputs, list(requested)):
+        entry: dict[str, Any] = {"name": name, "shape": list(t.shape), "datatype": datatype_of(t)}
+        out = requested.get(name)
+        flag = out.parameters.binary_data if out is not None and out.parameters else None
         if params.binary_data_output if flag is None else flag:
             chunks.append(to_bytes(t))
             entry["parameters"] = {"binary_data_size": len(chunks[-1])}
         else:
             entry["data"] = to_json(t)
         entries.append(entry)
-    answer: dict[str, Any] = {"model_name": config.name, "model_version": config.version}
+    config = answer.model.config
+    head: dict[str, Any] = {"model_name": config.name, "model_version": config.version}
     if body.id is not None:
-        answer["id"] = body.id
-    if answer_params is not None:
-        answer["parameters"] = answer_params
-    answer["outputs"] = entries
-    header = orjson.dumps(answer)
+        head["id"] = body.id
+    if answer.n_samples is not None:
+        head["parameters"] = {"n_samples": answer.n_samples, "seed": answer.seed}
+    header = orjson.dumps({**head, "outputs": entries})
     if not chunks:
         return Response(header, media_type="application/json")
     return Response(
@@ -289,15 +236,6 @@ def encode(
         media_type="application/octet-stream",
         headers={HEADER_LENGTH: str(len(header))},
     )
-
-
-def unknown_output(name: str, available: list[str]) -> str:
-    hint = ""
-    if name == "samples":
-        hint = "; set parameter return_samples to true"
-    elif name != OUTPUT and OUTPUT in available:
-        hint = "; MC outputs need parameter n_samples, seed or return_samples"
-    return f"output {name[:64]!r} is not in this answer: {available}{hint}"
 
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)

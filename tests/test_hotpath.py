@@ -1,4 +1,4 @@
-"""The short way through for v1 predict: what it takes, what it passes on, same answers."""
+"""The hot path for v1 predict and v2 infer: what it takes, what it passes on, same answers."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from starlette.exceptions import HTTPException
 
 from service.core.repository import ModelRepository
-from service.protocols.http import v1
-from service.protocols.http.hotpath import FastPredict
-from service.serving.dataplane import Runtime
+from service.protocols.http import v1, v2
+from service.protocols.http.hotpath import HotPath
+from service.serving.dataplane import DataPlane
 from service.settings import Settings
 
 ROW = [1.0, 2.0]
@@ -36,9 +36,15 @@ class Inner:
 
 
 def call(
-    app: Any, path: str, body: bytes, *, method: str = "POST", content_type: str | None = JSON
+    app: Any,
+    path: str,
+    body: bytes,
+    *,
+    method: str = "POST",
+    content_type: str | None = JSON,
+    extra: list[tuple[bytes, bytes]] | None = None,
 ) -> tuple[int, bytes]:
-    headers = [(b"content-length", str(len(body)).encode())]
+    headers = [(b"content-length", str(len(body)).encode()), *(extra or [])]
     if content_type is not None:
         headers.append((b"content-type", content_type.encode()))
     scope = {"type": "http", "method": method, "path": path, "headers": headers}
@@ -55,17 +61,22 @@ def call(
 
 
 @pytest.fixture
-def fast(model_dir: Path) -> Iterator[tuple[FastPredict, Inner]]:
-    runtime = Runtime(Settings(model_dir=model_dir, batching=False))
-    runtime.repository = ModelRepository.load(model_dir)
+def fast(model_dir: Path) -> Iterator[tuple[HotPath, Inner]]:
+    plane = DataPlane(Settings(model_dir=model_dir, batching=False))
+    plane.repository = ModelRepository.load(model_dir)
     inner = Inner()
-    routes = {route.path: route for route in v1.router.routes}  # type: ignore[attr-defined]
-    yield FastPredict(inner, runtime, routes, max_json_depth=3), inner
-    runtime.close()
+    routes = {r.path: r for r in [*v1.router.routes, *v2.router.routes]}  # type: ignore[attr-defined]
+    yield HotPath(inner, plane, routes, max_json_depth=4), inner
+    plane.close()
 
 
-def test_well_formed_predict_and_mc_are_answered_without_fastapi(
-    fast: tuple[FastPredict, Inner],
+V2_BODY = json.dumps(
+    {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": ROW}]}
+).encode()
+
+
+def test_well_formed_predict_mc_and_infer_are_answered_without_fastapi(
+    fast: tuple[HotPath, Inner],
 ) -> None:
     app, inner = fast
     status, body = call(app, "/v1/models/tiny/predict", json.dumps({"inputs": [ROW]}).encode())
@@ -77,6 +88,11 @@ def test_well_formed_predict_and_mc_are_answered_without_fastapi(
     status, body = call(app, "/v1/models/tiny/predict/mc", mc)
     assert status == 200
     assert json.loads(body)["seed"] == 3
+    for path in ("/v2/models/tiny/infer", "/v2/models/tiny/versions/3/infer"):
+        for content_type in (JSON, None, "application/octet-stream"):
+            status, body = call(app, path, V2_BODY, content_type=content_type)
+            assert status == 200
+            assert json.loads(body)["outputs"][0]["data"] == [6.5]
     assert inner.bodies == []
 
 
@@ -92,18 +108,22 @@ def test_well_formed_predict_and_mc_are_answered_without_fastapi(
         ("/v1/models/tiny/compare", b'{"inputs": [[1, 2]]}', {}),
         ("/v1/models/" + "n" * 257 + "/predict", b'{"inputs": [[1, 2]]}', {}),
         ("/v1/models/tiny/predict/mc", b'{"inputs": [[1, 2]], "seed": -1}', {}),
-        ("/v1/models/tiny/predict", b'{"inputs": [[1, 2]], "x": [[[1]]]}', {}),  # too deep
+        ("/v1/models/tiny/predict", b'{"inputs": [[1, 2]], "x": [[[[1]]]]}', {}),  # too deep
+        ("/v2/models/tiny/infer", V2_BODY, {"method": "PUT"}),
+        ("/v2/models/tiny/ready", V2_BODY, {}),
+        ("/v2/models/tiny/versions/" + "9" * 65 + "/infer", V2_BODY, {}),
+        ("/v2/models/tiny/infer", b'{"inputs": [[[[1]]]]}', {}),  # too deep, for JSONGuard
     ],
 )
 def test_anything_else_goes_on_to_fastapi_with_its_body(
-    fast: tuple[FastPredict, Inner], path: str, body: bytes, kwargs: dict[str, Any]
+    fast: tuple[HotPath, Inner], path: str, body: bytes, kwargs: dict[str, Any]
 ) -> None:
     app, inner = fast
     assert call(app, path, body, **kwargs) == (299, b"inner")
     assert inner.bodies == [body]
 
 
-def test_runtime_errors_get_the_service_error_answers(fast: tuple[FastPredict, Inner]) -> None:
+def test_domain_errors_get_each_protocols_answers(fast: tuple[HotPath, Inner]) -> None:
     app, inner = fast
     status, body = call(app, "/v1/models/nope/predict", b'{"inputs": [[1, 2]]}')
     assert status == 404
@@ -111,11 +131,23 @@ def test_runtime_errors_get_the_service_error_answers(fast: tuple[FastPredict, I
     status, body = call(app, "/v1/models/tiny/predict", b'{"inputs": [[1, 2, 3]]}')
     assert status == 422
     assert json.loads(body)["detail"][0]["loc"] == ["body", "inputs", 0]
+    status, body = call(app, "/v2/models/nope/infer", V2_BODY)
+    assert (status, list(json.loads(body))) == (404, ["error"])
+    status, body = call(app, "/v2/models/tiny/versions/2/infer", V2_BODY)
+    assert status == 404
+    assert "no version '2'" in json.loads(body)["error"]
+    status, body = call(app, "/v2/models/tiny/infer", b'{"inputs": []}')
+    assert status == 400
+    assert "inputs: List should have at least 1 item" in json.loads(body)["error"]
     assert inner.bodies == []
 
 
+V2_DEEP = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0.5] * 4}]}
+V2_CLF = {"inputs": [{"name": "input", "shape": [1, 5], "datatype": "FP32", "data": [0.1] * 5}]}
+
+
 def chunked(body: dict[str, Any]) -> Iterator[bytes]:
-    """A body without Content-Length (chunked): the short way passes it on to FastAPI."""
+    """A body without Content-Length (chunked): the hot path passes it on to FastAPI."""
     yield json.dumps(body).encode()
 
 
@@ -130,6 +162,15 @@ def chunked(body: dict[str, Any]) -> Iterator[bytes]:
         ("/v1/models/nope/predict", {"inputs": [ROW]}),
         ("/v1/models/tiny/predict", {"inputs": [[1.0, 2.0, 3.0]]}),
         ("/v1/models/tiny/predict/mc", {"inputs": [ROW], "n_samples": 10**6}),
+        ("/v2/models/tiny/infer", json.loads(V2_BODY)),
+        ("/v2/models/deep/infer", {**V2_DEEP, "parameters": {"seed": 4}}),
+        (
+            "/v2/models/clf/versions/1/infer",
+            {**V2_CLF, "parameters": {"n_samples": 9, "seed": 1}, "id": "a"},
+        ),
+        ("/v2/models/tiny/versions/7/infer", json.loads(V2_BODY)),
+        ("/v2/models/tiny/infer", {"inputs": [{**json.loads(V2_BODY)["inputs"][0], "shape": [1]}]}),
+        ("/v2/models/tiny/infer", {**json.loads(V2_BODY), "outputs": [{"name": "mean"}]}),
     ],
 )
 def test_both_ways_through_answer_the_same(
@@ -142,7 +183,7 @@ def test_both_ways_through_answer_the_same(
     assert fast.json() == slow.json()
 
 
-def test_a_body_cut_off_by_the_size_limit_gets_413(fast: tuple[FastPredict, Inner]) -> None:
+def test_a_body_cut_off_by_the_size_limit_gets_413(fast: tuple[HotPath, Inner]) -> None:
     app, inner = fast
     headers = [(b"content-length", b"20"), (b"content-type", JSON.encode())]
     scope = {

@@ -1,0 +1,50 @@
+"""Admission control: a bounded number of requests per model in the data plane at once
+(queued or computing); past it a fast ``Overloaded``, never an unbounded queue. Each
+admitted request has a deadline; past it ``DeadlineExceeded`` rather than a hang."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from service.core.errors import DeadlineExceeded, Overloaded
+from service.serving.metrics import Metrics
+
+
+class Admission:
+    """Per-model admission control and deadlines for the data plane."""
+
+    def __init__(self, max_pending: int, timeout_s: float, metrics: Metrics) -> None:
+        self.max_pending = max_pending
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self._pending: Counter[str] = Counter()
+
+    @asynccontextmanager
+    async def admit(self, model: str) -> AsyncIterator[None]:
+        """Hold one of ``model``'s slots for the body; raise ``Overloaded`` if none is free
+        and ``DeadlineExceeded`` if the body outlives the deadline. The body's job is then
+        told to stop and the slot held until it has (``jobs.JobRunner.run``)."""
+        if self._pending[model] >= self.max_pending:
+            self.metrics.child(self.metrics.rejected, model, "overloaded").inc()
+            raise Overloaded(
+                f"model {model!r} has {self.max_pending} requests in progress; retry later"
+            )
+        self._pending[model] += 1
+        self.metrics.child(self.metrics.pending, model).inc()
+        deadline = asyncio.timeout(self.timeout_s)
+        try:
+            async with deadline:
+                yield
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            self.metrics.child(self.metrics.rejected, model, "deadline").inc()
+            raise DeadlineExceeded(
+                f"model {model!r} did not answer within {self.timeout_s:g} s"
+            ) from None
+        finally:
+            self._pending[model] -= 1
+            self.metrics.child(self.metrics.pending, model).dec()
