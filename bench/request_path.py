@@ -102,7 +102,7 @@ async def started(settings: Settings) -> tuple[ASGI, asyncio.Task[None]]:
         app({"type": "lifespan", "asgi": {"version": "3.0"}}, messages.get, replies.put)
     )
     assert (await replies.get())["type"] == "lifespan.startup.complete"
-    while app.state.runtime.repository is None:
+    while app.state.plane.repository is None:
         await asyncio.sleep(0.01)
     return app, lifespan
 
@@ -113,7 +113,7 @@ async def variants() -> tuple[list[Variant], list[asyncio.Task[None]]]:
     threads, b = await started(Settings(**base, inline_max_macs=0))
     unbatched, c = await started(Settings(**base, batching=False))
     quiet, d = await started(Settings(**base, access_log=False))
-    engine = service.state.runtime.model("concrete").engine  # type: ignore[attr-defined]
+    engine = service.state.plane.model("concrete").engine  # type: ignore[attr-defined]
     x = torch.tensor([ROW])
 
     def post(app: ASGI, path: str = "/v1/models/concrete/predict", **kw: bool) -> Any:

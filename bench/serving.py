@@ -66,10 +66,11 @@ def free_port() -> int:
 
 @contextmanager
 def server(
-    bare: bool, threads: int, **settings: str
+    bare: bool, threads: int, root: Path = ROOT, **settings: str
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A one-worker server on loopback, ready to answer; stopped on exit.
 
+    ``root`` is the checkout whose code serves (another commit's, for an A/B run);
     ``settings`` are extra ``DROPOUT_*`` variables, e.g. ``REQUEST_TIMEOUT_S="600"``.
     """
     port = free_port()
@@ -77,16 +78,16 @@ def server(
         **os.environ,
         "DROPOUT_LOG_LEVEL": "warning",
         "DROPOUT_TORCH_THREADS": str(threads),
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(root),
         **{f"DROPOUT_{k}": v for k, v in settings.items()},
     }
     if bare:
         cmd = [sys.executable, "-m", "uvicorn", "bare_app:app", "--log-level", "warning"]
         cmd += ["--host", "127.0.0.1", "--port", str(port)]
-        cwd, probe = ROOT / "bench", "/openapi.json"
+        cwd, probe = root / "bench", "/openapi.json"
     else:
         cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), "--models", "models"]
-        cwd, probe = ROOT, "/readyz"
+        cwd, probe = root, "/readyz"
     proc = subprocess.Popen(cmd, cwd=cwd, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

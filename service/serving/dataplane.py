@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import secrets
 from collections.abc import Callable, Mapping
@@ -38,8 +39,8 @@ log = logging.getLogger(__name__)
 
 #: The smallest magnitude that rounds to infinity in float32 (FLT_MAX plus half an ulp).
 _FLOAT32_OVERFLOW = float(2**128 - 2**103)
-#: Request rows as JSON gives them, or a ``(B, in)`` tensor decoded from binary data.
-Inputs = list[list[float]] | torch.Tensor
+#: Request rows as JSON gives them, or a decoded ``(B, in)`` array or tensor.
+Inputs = list[list[float]] | np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,6 @@ class Readiness:
     failed: dict[str, str]
 
 
-def _check_finite(finite_rows: np.ndarray) -> None:
-    if not finite_rows.all():
-        bad = int(np.flatnonzero(~finite_rows)[0])
-        raise InvalidInput(["inputs", bad], f"row {bad} holds a value beyond float32 range")
-
-
 def check_outputs(model: LoadedModel, outputs: Mapping[str, torch.Tensor]) -> None:
     """Refuse an answer holding a number JSON cannot carry (NaN, infinity), naming the rows.
 
@@ -117,9 +112,10 @@ def check_outputs(model: LoadedModel, outputs: Mapping[str, torch.Tensor]) -> No
     for name, t in outputs.items():
         if name == "samples":
             continue
-        finite = torch.isfinite(t).reshape(len(t), -1).all(1)
-        if not bool(finite.all()):
-            bad.update(torch.nonzero(~finite).flatten().tolist())
+        values = t.numpy()  # numpy's isfinite costs a tenth of torch's on small tensors
+        if not np.isfinite(values).all():
+            finite = np.isfinite(values.reshape(len(values), -1)).all(1)
+            bad.update(np.flatnonzero(~finite).tolist())
     if bad:
         rows = sorted(bad)
         shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
@@ -164,6 +160,10 @@ class DataPlane:
             c = model.config
             self.metrics.model_info.labels(c.name, c.version, c.sha256, c.task).set(1)
         self.repository = repo
+        # Everything alive now (torch, the app, the models) lives as long as the process:
+        # out of the collector's way, a full collection no longer walks some 200 000 objects
+        # every few hundred requests (measured: eval at 64 clients 3793 -> 4572 requests/s).
+        gc.freeze()
 
     def readiness(self) -> Readiness:
         """Ready once loaded, with every model (or, if allowed, some) served."""
@@ -256,9 +256,11 @@ class DataPlane:
     # -- checks ---------------------------------------------------------------------------
 
     def to_tensor(self, model: LoadedModel, inputs: Inputs) -> torch.Tensor:
-        """Check rows and widths against the model and the limits; return ``(B, in)``.
+        """Check rows and widths against the model and the limits; return ``(B, in)`` float32
+        in torch's own memory.
 
-        ``inputs`` is JSON rows (v1) or an already decoded ``(B, in)`` tensor (v2 tensors).
+        ``inputs`` is JSON rows (v1), or an array or tensor a codec decoded (v2); rows and
+        arrays take the same conversion, so v1 and v2 compute on the same bits.
         """
         annotate(model=model.config.name, rows=len(inputs))
         if len(inputs) > self.settings.max_rows:
@@ -266,20 +268,31 @@ class DataPlane:
                 ["inputs"], f"{len(inputs)} rows exceed the maximum of {self.settings.max_rows}"
             )
         width = model.config.input_dim
-        rows = inputs[:1] if isinstance(inputs, torch.Tensor) else inputs  # one width per tensor
-        for i, row in enumerate(rows):
-            if len(row) != width:
+        if isinstance(inputs, list):
+            for i, row in enumerate(inputs):
+                if len(row) != width:
+                    raise InvalidInput(
+                        ["inputs", i],
+                        f"row {i} has {len(row)} values; model {model.config.name!r} "
+                        f"expects {width}",
+                    )
+            values = np.array(inputs, dtype=np.float64)
+        else:
+            values = inputs.cpu().numpy() if isinstance(inputs, torch.Tensor) else inputs
+            if values.ndim != 2 or values.shape[1] != width:
                 raise InvalidInput(
-                    ["inputs", i],
-                    f"row {i} has {len(row)} values; model {model.config.name!r} expects {width}",
+                    ["inputs", 0],
+                    f"rows of {values.shape[1:]} values; model {model.config.name!r} "
+                    f"expects {width}",
                 )
-        if isinstance(inputs, torch.Tensor):
-            x = inputs.to(torch.float32)
-            _check_finite(torch.isfinite(x).all(1).numpy())
-            return x
-        values = np.array(inputs, dtype=np.float64)
-        _check_finite(np.asarray((np.abs(values) < _FLOAT32_OVERFLOW).all(1)))  # False for NaN
-        return torch.from_numpy(values).to(torch.float32)  # torch's own (aligned) memory
+        if values.dtype == np.float64:  # past FP32's range is infinity once converted
+            within = np.abs(values) < _FLOAT32_OVERFLOW  # False for NaN and infinities too
+        else:
+            within = np.isfinite(values)
+        if not within.all():
+            bad = int(np.flatnonzero(~within.all(1))[0])
+            raise InvalidInput(["inputs", bad], f"row {bad} holds a value beyond float32 range")
+        return torch.from_numpy(values).to(torch.float32, copy=True)
 
     def n_samples(self, requested: int | None) -> int:
         n = self.settings.default_n_samples if requested is None else requested

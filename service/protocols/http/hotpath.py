@@ -25,7 +25,6 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -44,7 +43,6 @@ from service.serving.dataplane import DataPlane
 
 _V1 = re.compile(r"/v1/models/(?P<name>[^/]{1,256})/predict(?P<mc>/mc)?")
 _V2 = re.compile(r"/v2/models/(?P<name>[^/]{1,256})(?:/versions/(?P<version>[^/]{1,64}))?/infer")
-_JSON = (b"content-type", b"application/json")
 _HEADER_LENGTH = HEADER_LENGTH.lower().encode()
 
 #: Answers a matched request from its body; None passes it on to FastAPI.
@@ -111,9 +109,7 @@ class HotPath:
             payload = await v1.answer(self.plane, match["name"], request)
         except ServiceError as exc:
             return v1_error_response(exc)
-        answer = orjson.dumps(payload)
-        length = (b"content-length", str(len(answer)).encode())
-        return _Raw(answer, [length, _JSON])
+        return v1.json_response(payload)
 
     async def _v2(self, match: re.Match[str], scope: Scope, body: bytes) -> Response | None:
         json = is_json_media_type(header(scope, b"content-type"))
@@ -135,13 +131,3 @@ class HotPath:
             if response is None:
                 raise
             return response
-
-
-class _Raw(Response):
-    """A response whose headers are ready (no Starlette header building)."""
-
-    def __init__(self, body: bytes, raw_headers: list[tuple[bytes, bytes]]) -> None:
-        self.status_code = 200
-        self.body = body
-        self.raw_headers = raw_headers
-        self.background = None

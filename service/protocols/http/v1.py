@@ -15,6 +15,7 @@ import orjson
 from fastapi import APIRouter, Path, Response
 
 from service.core.repository import LoadedModel
+from service.protocols.http.asgi import RawResponse
 from service.protocols.http.deps import PlaneDep
 from service.protocols.http.schemas_v1 import (
     CompareRequest,
@@ -117,7 +118,7 @@ def fields(a: InferAnswer) -> dict[str, Any]:
 
 
 def json_response(payload: dict[str, Any]) -> Response:
-    return Response(orjson.dumps(payload), media_type="application/json")
+    return RawResponse(orjson.dumps(payload), b"application/json")
 
 
 @router.post("/models/{name}/compare", response_model=CompareResponse, responses=_PREDICT_ERRORS)

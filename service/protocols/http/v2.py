@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import numpy as np
 import orjson
-import torch
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
@@ -22,6 +22,7 @@ from service.core.errors import RETRY_AFTER_SECONDS, InvalidInput
 from service.core.model import ModelConfig
 from service.core.repository import LoadedModel
 from service.protocols import oip
+from service.protocols.http.asgi import RawResponse
 from service.protocols.http.deps import PlaneDep
 from service.protocols.http.errors import v2_error_response
 from service.protocols.http.schemas_v2 import (
@@ -185,13 +186,16 @@ async def infer_response(
     header, tail = split_body(body, header_length)
     request = InferenceRequest.model_validate_json(header)
     x = input_tensor(model.config, request, tail)
-    params = request.parameters or InferParameters()
+    params = request.parameters or _NO_PARAMETERS
     mc = oip.mc_params(params.n_samples, params.seed, params.return_samples)
     answer = await plane.infer(InferRequest(model.config.name, x, version, mc))
     return encode(answer, request, params)
 
 
-def input_tensor(config: ModelConfig, body: InferenceRequest, tail: bytes) -> torch.Tensor:
+_NO_PARAMETERS = InferParameters()
+
+
+def input_tensor(config: ModelConfig, body: InferenceRequest, tail: bytes) -> np.ndarray:
     """The one ``input`` tensor, ``(rows, input_dim)`` FP32, from JSON data or binary bytes."""
     names = [i.name for i in body.inputs]
     spec = body.inputs[0]
@@ -230,11 +234,11 @@ def encode(answer: InferAnswer, body: InferenceRequest, params: InferParameters)
         head["parameters"] = {"n_samples": answer.n_samples, "seed": answer.seed}
     header = orjson.dumps({**head, "outputs": entries})
     if not chunks:
-        return Response(header, media_type="application/json")
-    return Response(
+        return RawResponse(header, b"application/json")
+    return RawResponse(
         b"".join([header, *chunks]),
-        media_type="application/octet-stream",
-        headers={HEADER_LENGTH: str(len(header))},
+        b"application/octet-stream",
+        (HEADER_LENGTH.lower().encode(), str(len(header)).encode()),
     )
 
 
