@@ -6,7 +6,7 @@ eval, v1 MC T=100 and v2 eval (JSON) at 1, 8 and 64 connections. The two servers
 turns, endpoint by endpoint and round by round, the order flipped every round, so both see
 the same machine; the table gives the median requests/s of the rounds. Needs wrk.
 
-    python bench/ab.py --base e89fb90 --rounds 3 --seconds 5
+    python bench/ab.py --base e89fb90 --rounds 5 --seconds 5 --write
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import serving
 
 ROOT = serving.ROOT
 ROW = serving.ROW
+#: The A/B section of docs/benchmarks.md: written by --write, kept by make bench.
+AB_START, AB_END = "<!-- ab: written by bench/ab.py --write -->", "<!-- /ab -->"
 ENDPOINTS: list[tuple[str, str, dict[str, object]]] = [
     ("v1 eval", "/v1/models/concrete/predict", {"inputs": [ROW]}),
     ("v1 MC T=100", "/v1/models/concrete/predict/mc", serving.MC_100),
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=2, help="DROPOUT_TORCH_THREADS")
+    parser.add_argument("--write", action="store_true", help="into docs/benchmarks.md")
     args = parser.parse_args()
     rps: dict[tuple[str, str, int], list[float]] = {}
     with ExitStack() as stack:

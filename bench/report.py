@@ -247,6 +247,25 @@ def request_path_section(rounds: int) -> str:
     )
 
 
+def kept_ab_section(page: Path) -> str:
+    """The before/after section bench/ab.py wrote, carried over from the current page."""
+    from ab import AB_END, AB_START
+
+    old = page.read_text() if page.exists() else ""
+    if AB_START not in old:
+        return ""
+    body = old[old.index(AB_START) + len(AB_START) : old.index(AB_END)]
+    return f"\n{AB_HEADING}\n{AB_START}{body}{AB_END}\n"
+
+
+AB_HEADING = """## Before and after: one data plane under v1 and v2
+
+`bench/ab.py` serves the shipped concrete model from a worktree of an earlier commit and from
+this checkout, one uvicorn worker each, and measures them with wrk in turns. It is run by
+hand for a change that must not cost speed; `make bench` keeps its last table.
+"""
+
+
 def throughput_section(seconds: int) -> str:
     """Dynamic batching on against off (bench/throughput.py), run as its own process."""
     command = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--seconds", str(seconds)]
@@ -305,6 +324,7 @@ def main() -> None:
     )
     sections = request_path_section(100 if args.quick else 300)
     sections += throughput_section(2 if args.quick else 5)
+    sections += kept_ab_section(args.out)
     args.out.write_text(text + sections + NOTES)
     replace_headline(ROOT / "README.md", head)
     print(f"wrote {args.out}, {png} and the README's headline in {minutes:.1f} min")

@@ -66,7 +66,7 @@ def free_port() -> int:
 
 @contextmanager
 def server(
-    bare: bool, threads: int, root: Path = ROOT, **settings: str
+    bare: bool, threads: int, settings: dict[str, str] | None = None, root: Path = ROOT
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A one-worker server on loopback, ready to answer; stopped on exit.
 
@@ -79,7 +79,7 @@ def server(
         "DROPOUT_LOG_LEVEL": "warning",
         "DROPOUT_TORCH_THREADS": str(threads),
         "PYTHONPATH": str(root),
-        **{f"DROPOUT_{k}": v for k, v in settings.items()},
+        **{f"DROPOUT_{k}": v for k, v in (settings or {}).items()},
     }
     if bare:
         cmd = [sys.executable, "-m", "uvicorn", "bare_app:app", "--log-level", "warning"]
@@ -168,6 +168,20 @@ def with_httpx(url: str, body: dict[str, object], concurrency: int, seconds: flo
     return Load("", concurrency, len(ms) / seconds, statistics.median(ms), p99, errors, "httpx")
 
 
+def machine_line() -> str:
+    """The machine in a few words, for a table's caption."""
+    import platform
+
+    import torch
+
+    cpu = next(
+        (x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+         if x.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    return f"{os.cpu_count()} cores, {cpu}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def load_tool() -> str:
     return "wrk" if shutil.which("wrk") else "httpx"
 
@@ -176,7 +190,7 @@ def run(seconds: float, threads: int) -> list[Load]:
     measure = with_wrk if load_tool() == "wrk" else with_httpx
     results = []
     for name, path, body, settings in TARGETS:
-        with server(name.startswith("bare"), threads, **settings) as (url, _):
+        with server(name.startswith("bare"), threads, settings) as (url, _):
             for _ in range(20):  # warm-up: first-call allocations, lazy imports
                 httpx.post(url + path, json=body, timeout=30).raise_for_status()
             for c in CONCURRENCY:
@@ -203,7 +217,7 @@ def peak_memory(threads: int) -> dict[str, float]:
     path = f"/v1/models/{MODEL}/predict/mc"
     # The largest request takes longer than the default 30 s deadline on 2 cores with torch
     # masks: measured here for memory, not latency, so the deadline is lifted.
-    with server(False, threads, REQUEST_TIMEOUT_S="600") as (url, proc):
+    with server(False, threads, {"REQUEST_TIMEOUT_S": "600"}) as (url, proc):
         httpx.post(url + path, json={"inputs": [ROW], "n_samples": 100}, timeout=60)
         before, _ = _rss_mib(proc.pid)
         body = {"inputs": [ROW] * MEMORY_ROWS, "n_samples": MEMORY_SAMPLES, "seed": 1}
