@@ -17,6 +17,7 @@ Contracts (see DESIGN.md):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from service.core.model import ModelConfig, bias_name, weight_name
+from service.core.model import Activation, ModelConfig, as_activation, bias_name, weight_name
 
 Scaling = Literal["inverted", "vanilla"]
 MaskMode = Literal["packed", "torch"]
@@ -71,13 +72,31 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-# In place where torch has the op: they only ever run on a fresh F.linear output.
-_ACTIVATIONS = {
-    "relu": torch.relu_,
-    "tanh": torch.tanh_,
-    "gelu": F.gelu,
-    "sigmoid": torch.sigmoid_,
-}
+def activation_fn(act: Activation) -> Callable[[Tensor], Tensor]:
+    """``act`` as a function, in place where torch has the op (it only ever runs on a fresh
+    ``F.linear`` output); the same kernels as the torch modules, so the same bits."""
+    match act.name:
+        case "relu":
+            return torch.relu_
+        case "tanh":
+            return torch.tanh_
+        case "sigmoid":
+            return torch.sigmoid_
+        case "silu":
+            return functools.partial(F.silu, inplace=True)
+        case "gelu":
+            return functools.partial(F.gelu, approximate=act.approximate or "none")
+        case "leaky_relu":
+            slope = 0.01 if act.negative_slope is None else act.negative_slope
+            return functools.partial(F.leaky_relu_, negative_slope=slope)
+        case "elu":
+            return functools.partial(F.elu_, alpha=1.0 if act.alpha is None else act.alpha)
+    return _identity
+
+
+def _identity(h: Tensor) -> Tensor:
+    return h
+
 
 #: torch's CPU ``bernoulli_(q)`` keeps an element when a 53-bit uniform double is below ``q``,
 #: so P(keep) = ceil(q 2^53) / 2^53. The packed mode splits that threshold into its top 8 bits,
@@ -287,7 +306,12 @@ class MLPEngine:
         self.device = torch.device(device)
         self.chunk_elements = chunk_elements
         self.mask_mode: MaskMode = mask_mode
-        self._act = _ACTIVATIONS[config.activation]
+        # The function after each Linear: its hidden activation, or for the last the output
+        # activation (when the model has one).
+        out = config.output_activation
+        self._acts = [activation_fn(a) for a in config.activations] + [
+            _identity if out is None else activation_fn(as_activation(out))
+        ]
         self._layers = [
             (
                 _without_subnormals(tensors[weight_name(i)].to(self.device, torch.float32)),
@@ -366,8 +390,7 @@ class MLPEngine:
 
     def _linear(self, i: int, h: Tensor, *, mc: bool = False) -> Tensor:
         w, b = (self._mc_layers if mc else self._layers)[i]
-        h = F.linear(h, w, b)
-        return self._act(h) if i < len(self._layers) - 1 else h
+        return self._acts[i](F.linear(h, w, b))
 
     def _head(self, y: Tensor) -> Tensor:
         """Map raw outputs to answers: target units (regression) or probabilities."""

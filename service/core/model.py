@@ -2,9 +2,11 @@
 
 An MLP is ``n`` Linear layers; Linear ``i`` reads a dropout of its input with probability
 ``dropout_before(i)`` (the input dropout for ``i == 0``, else the dropout after hidden layer
-``i - 1``) and, except for the last, is followed by the activation::
+``i - 1``) and, except for the last, is followed by its activation (one for every hidden
+layer, or one each); a regression model may end in an output activation::
 
-    x -> [Dropout p0] -> Linear0 -> act -> Dropout p1 -> Linear1 -> act -> ... -> Linear(n-1)
+    x -> [Dropout p0] -> Linear0 -> act0 -> Dropout p1 -> Linear1 -> act1 -> ... -> Linear(n-1)
+      -> [output activation]
 """
 
 from __future__ import annotations
@@ -12,19 +14,80 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from torch import nn
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
+ActivationName = Literal["relu", "tanh", "gelu", "sigmoid", "silu", "leaky_relu", "elu", "identity"]
+
+
+class Activation(BaseModel):
+    """An activation with its parameters: ``leaky_relu``'s ``negative_slope``, ``elu``'s
+    ``alpha``, ``gelu``'s ``approximate``; torch's defaults where absent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: ActivationName
+    negative_slope: FiniteFloat | None = None
+    alpha: FiniteFloat | None = None
+    approximate: Literal["none", "tanh"] | None = None
+
+    @model_validator(mode="after")
+    def _parameters_of_this_activation(self) -> Activation:
+        for field, owner in (("negative_slope", "leaky_relu"), ("alpha", "elu")):
+            if getattr(self, field) is not None and self.name != owner:
+                raise ValueError(f"{field} is a parameter of {owner}, not of {self.name}")
+        if self.approximate is not None and self.name != "gelu":
+            raise ValueError(f"approximate is a parameter of gelu, not of {self.name}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Only the parameters given: ``{"name": "elu", "alpha": 0.5}``."""
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    @property
+    def spec(self) -> ActivationSpec:
+        """The name alone when no parameter is given, else the activation."""
+        has = self.negative_slope is not None or self.alpha is not None or self.approximate
+        return self if has else self.name
+
+    def module(self) -> nn.Module:
+        """The torch module computing this activation."""
+        match self.name:
+            case "leaky_relu":
+                return nn.LeakyReLU(0.01 if self.negative_slope is None else self.negative_slope)
+            case "elu":
+                return nn.ELU(1.0 if self.alpha is None else self.alpha)
+            case "gelu":
+                return nn.GELU(approximate=self.approximate or "none")
+        return _PLAIN[self.name]()
+
+
+_PLAIN: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
-    "gelu": nn.GELU,
     "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+    "identity": nn.Identity,
 }
+
+#: An activation by name (torch's defaults), or with its parameters.
+ActivationSpec = ActivationName | Activation
+
+
+def as_activation(spec: ActivationSpec) -> Activation:
+    return spec if isinstance(spec, Activation) else Activation(name=spec)
 
 
 class Standardization(BaseModel):
@@ -50,16 +113,23 @@ class ModelConfig(BaseModel):
     version: str = Field(min_length=1, max_length=64)
     task: Literal["regression", "classification"]
     input_dim: PositiveInt
-    hidden: list[PositiveInt] = Field(min_length=1)
+    hidden: list[PositiveInt] = Field(description="Widths of the hidden layers (none: one Linear).")
     output_dim: PositiveInt
-    activation: Literal["relu", "tanh", "gelu", "sigmoid"] = "relu"
+    activation: ActivationSpec | list[ActivationSpec] = Field(
+        "relu", description="The activation of every hidden layer, or a list of one per layer."
+    )
+    output_activation: ActivationSpec | None = Field(
+        None, description="Regression only: an activation after the last Linear layer."
+    )
     dropout: list[Probability] = Field(description="Dropout p after each hidden layer.")
     input_dropout: Probability = 0.0
     dropout_scaling: Literal["inverted", "vanilla"] = "inverted"
     input_standardization: Standardization | None = None
     target_standardization: Standardization | None = None
     noise_variance: list[PositiveFloat] | None = Field(
-        None, description="Regression only: aleatoric variance per output (tau^-1), target units."
+        None,
+        description="Regression only: aleatoric variance per output (tau^-1), target units; "
+        "without it, MC answers carry no predictive_variance.",
     )
     labels: list[str] | None = Field(None, description="Classification only: one per output.")
     weights_file: str = Field("weights.safetensors", pattern=r"^[A-Za-z0-9_.-]+\.safetensors$")
@@ -77,9 +147,13 @@ class ModelConfig(BaseModel):
             raise ValueError("input_standardization must have input_dim entries")
         if self.target_standardization and len(self.target_standardization.mean) != self.output_dim:
             raise ValueError("target_standardization must have output_dim entries")
+        if isinstance(self.activation, list) and len(self.activation) != len(self.hidden):
+            raise ValueError(
+                f"activation has {len(self.activation)} entries, hidden has {len(self.hidden)}"
+            )
         if self.task == "regression":
-            if self.noise_variance is None or len(self.noise_variance) != self.output_dim:
-                raise ValueError("regression needs noise_variance with output_dim entries")
+            if self.noise_variance is not None and len(self.noise_variance) != self.output_dim:
+                raise ValueError("noise_variance needs output_dim entries")
             if self.labels is not None:
                 raise ValueError("labels are for classification models")
         else:
@@ -87,7 +161,16 @@ class ModelConfig(BaseModel):
                 raise ValueError("classification needs labels with output_dim entries")
             if self.target_standardization is not None or self.noise_variance is not None:
                 raise ValueError("classification takes no target_standardization or noise_variance")
+            if self.output_activation is not None:
+                raise ValueError("classification takes no output_activation: softmax ends it")
         return self
+
+    @property
+    def activations(self) -> list[Activation]:
+        """The activation after each hidden layer."""
+        if isinstance(self.activation, list):
+            return [as_activation(a) for a in self.activation]
+        return [as_activation(self.activation)] * len(self.hidden)
 
     @property
     def widths(self) -> list[int]:
@@ -148,15 +231,17 @@ class VanillaDropout(nn.Module):
 
 def build_sequential(config: ModelConfig) -> nn.Sequential:
     """The model as a plain ``nn.Sequential``, with the config's dropout scaling."""
-    act = ACTIVATIONS[config.activation]
     dropout = VanillaDropout if config.dropout_scaling == "vanilla" else nn.Dropout
     w = config.widths
+    acts = config.activations
     layers: list[nn.Module] = []
     for i in range(config.n_linear):
         layers.append(dropout(config.dropout_before(i)))
         layers.append(nn.Linear(w[i], w[i + 1]))
         if i < config.n_linear - 1:
-            layers.append(act())
+            layers.append(acts[i].module())
+    if config.output_activation is not None:
+        layers.append(as_activation(config.output_activation).module())
     return nn.Sequential(*layers)
 
 

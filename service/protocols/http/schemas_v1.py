@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, JsonValue, Strict
 
+from service.core.model import ActivationSpec
+
 #: A JSON number that is finite: strings, booleans and null are refused, not coerced.
 Number = Annotated[float, Strict(), AllowInfNan(False)]
 Matrix = list[list[float]]
@@ -123,7 +125,10 @@ class ModelMetadata(BaseModel):
     input_dim: int
     output_dim: int
     hidden: list[int]
-    activation: str
+    activation: ActivationSpec | list[ActivationSpec] = Field(
+        description="The activation of every hidden layer, or one per layer."
+    )
+    output_activation: ActivationSpec | None = None
     dropout: list[float] = Field(description="Dropout p after each hidden layer.")
     input_dropout: float
     dropout_scaling: Literal["inverted", "vanilla"]

@@ -64,6 +64,7 @@ def metadata(plane: DataPlane, model: LoadedModel) -> ModelMetadata:
         output_dim=config.output_dim,
         hidden=config.hidden,
         activation=config.activation,
+        output_activation=config.output_activation,
         dropout=config.dropout,
         input_dropout=config.input_dropout,
         dropout_scaling=config.dropout_scaling,
