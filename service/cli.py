@@ -109,15 +109,69 @@ def _print_trained(out: Path, report: TrainReport) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    opts = _options(args, input_dropout=not args.no_input_dropout)
+    if args.dataset.endswith(".csv"):
+        return _train_csv(args, opts)
+    if args.target is not None or args.features is not None or args.task != "regression":
+        return _fail("--target, --features and --task are for a CSV file (data.csv)")
     from service.offline.datasets import UCIDataset
     from service.offline.training import train_uci_regression
 
-    opts = _options(args, input_dropout=not args.no_input_dropout)
     dataset = UCIDataset.load(args.dataset)
     out = args.out or Path("models") / dataset.name
     return _print_trained(
         out, train_uci_regression(dataset, args.split, out, opts, version=args.version)
     )
+
+
+def _train_csv(args: argparse.Namespace, opts: TrainOptions) -> int:
+    from service.offline.tabular import DataError, train_csv
+
+    if args.target is None:
+        return _fail("a CSV file needs --target COLUMN, the column to predict")
+    path = Path(args.dataset)
+    out = args.out or Path("models") / path.stem
+    features = args.features.split(",") if args.features else None
+    try:
+        report = train_csv(
+            path, out, opts, target=args.target, task=args.task, features=features,
+            version=args.version,
+        )  # fmt: skip
+    except DataError as exc:
+        return _fail(str(exc))
+    return _print_trained(out, report)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _import(args: argparse.Namespace) -> int:
+    from service.core.importer import import_file
+
+    def floats(text: str | None) -> list[float] | None:
+        return None if text is None else [float(v) for v in text.split(",")]
+
+    try:
+        config = import_file(
+            args.file,
+            args.out,
+            task=args.task,
+            version=args.version,
+            labels=args.labels.split(",") if args.labels else None,
+            input_mean=floats(args.input_mean),
+            input_std=floats(args.input_std),
+            target_mean=floats(args.target_mean),
+            target_std=floats(args.target_std),
+            noise_variance=floats(args.noise_variance),
+        )
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
+    print(
+        f"wrote {args.out}: {config.task}, {config.input_dim} inputs, {config.output_dim} outputs"
+    )
+    return 0
 
 
 def _train_digits(args: argparse.Namespace) -> int:
@@ -231,13 +285,37 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="server processes (default 1)")
     serve.set_defaults(func=_serve)
 
-    train = sub.add_parser("train", help="train a regression MLP on a UCI-format data set")
-    train.add_argument("dataset", help="shipped data set name (concrete, energy, ...) or a folder")
-    train.add_argument("--split", type=int, default=0, help="published split (default 0)")
+    train = sub.add_parser(
+        "train", help="train an MLP on a CSV file or a UCI-format data set (regression)"
+    )
+    train.add_argument(
+        "dataset", help="a CSV file (data.csv), a shipped data set (concrete, ...) or a folder"
+    )
+    train.add_argument("--target", help="CSV: the column to predict")
+    train.add_argument("--features", help="CSV: the input columns, a,b,c (default: the rest)")
+    train.add_argument(
+        "--task", choices=["regression", "classification"], default="regression", help="CSV"
+    )
+    train.add_argument("--split", type=int, default=0, help="UCI: published split (default 0)")
     train.add_argument("--out", type=Path, help="model folder (default models/<dataset>)")
     train.add_argument("--no-input-dropout", action="store_true", help="no dropout on inputs")
     _add_fit_options(train, TrainOptions())
     train.set_defaults(func=_train)
+
+    imp = sub.add_parser(
+        "import", help="a model folder from a trained torch module saved with its architecture"
+    )
+    imp.add_argument(
+        "file", type=Path, help="model.safetensors (architecture in its metadata) or model.pt"
+    )
+    imp.add_argument("--out", type=Path, required=True, help="the model folder, models/NAME")
+    imp.add_argument("--task", choices=["regression", "classification"], required=True)
+    imp.add_argument("--version", default="1", help="model version (default 1)")
+    imp.add_argument("--labels", help="classification: the class names, a,b,c")
+    for what in ("input-mean", "input-std", "target-mean", "target-std"):
+        imp.add_argument(f"--{what}", help=f"standardisation {what.replace('-', ' ')}: a,b,c")
+    imp.add_argument("--noise-variance", help="regression: aleatoric variance per output")
+    imp.set_defaults(func=_import)
 
     r = ReportOptions()
     report = sub.add_parser("report", help="figures and numbers: why production serves eval")

@@ -13,9 +13,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 from torch import nn
 
 from service import save_torch_model
+from service.cli import main
 from service.core.importer import read_architecture
 from service.core.repository import load_model
 
@@ -247,3 +249,87 @@ def test_mc_draws_from_the_modules_own_dropout(tmp_path: Path) -> None:
     assert ratio.sub(1).abs().lt(0.06).all(), ratio  # relative s.e. of each about 1.4%
     with torch.no_grad():  # and the dropout really is on: the passes spread
         assert (own_var > 1e-3).all()
+
+
+# -- dropout-service import ------------------------------------------------------------------
+
+
+def trained_module() -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+
+
+def import_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(["import", *argv])
+    out = capsys.readouterr()
+    return code, (out.out + out.err).strip()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pt"])
+def test_import_reads_what_a_user_saves_without_this_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    module = trained_module()
+    path = tmp_path / f"model.{kind}"
+    if kind == "safetensors":  # the README's lines: safetensors and torch only
+        save_file(module.state_dict(), str(path), metadata={"architecture": repr(module)})
+    else:
+        torch.save({"architecture": repr(module), "state_dict": module.state_dict()}, path)
+    out = tmp_path / "models" / "mine"
+    code, said = import_cli(
+        capsys, str(path), "--out", str(out), "--task", "regression", "--input-mean", "1,2,3",
+        "--input-std", "2", "--noise-variance", "0.25",
+    )  # fmt: skip
+    assert (code, said) == (0, f"wrote {out}: regression, 3 inputs, 1 outputs")
+    served = load_model(out)
+    assert served.config.noise_variance == [0.25]
+    x = torch.randn(5, 3)
+    want = module.eval()((x - torch.tensor([1.0, 2.0, 3.0])) / 2)
+    assert torch.equal(served.engine.predict(x), want.detach())
+
+
+class Tripwire:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.path),))  # type: ignore[return-value]
+
+
+def test_import_refuses_files_it_cannot_read_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = trained_module()
+    bare = tmp_path / "bare.safetensors"
+    save_file(module.state_dict(), str(bare))
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"architecture": repr(module), "state_dict": module.state_dict(),
+                "x": Tripwire(tmp_path / "RAN")}, pickled)  # fmt: skip
+    whole = tmp_path / "whole.pt"
+    torch.save(module, whole)
+    wrong = tmp_path / "wrong.safetensors"
+    other = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+    save_file(other.state_dict(), str(wrong), metadata={"architecture": repr(module)})
+    custom = tmp_path / "custom.safetensors"
+    save_file(module.state_dict(), str(custom), metadata={"architecture": "MyNet()"})
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a tensor file")
+    cases = {
+        tmp_path / "absent.pt": "no such file",
+        bare: "no architecture in its metadata; save it as: save_file(",
+        pickled: "holds more than tensors and plain containers",
+        whole: "holds more than tensors and plain containers",
+        wrong: "the weights do not fit the architecture",
+        custom: "MyNet: not a layer this service serves",
+        junk: "not a safetensors file",
+    }
+    for path, says in cases.items():
+        target = str(tmp_path / "m")
+        code, said = import_cli(capsys, str(path), "--out", target, "--task", "regression")
+        assert code == 2, path
+        assert said.startswith("error: ")
+        assert says in said
+        assert "\n" not in said
+        assert "Traceback" not in said
+    assert not (tmp_path / "RAN").exists()
+    assert not (tmp_path / "m").exists()

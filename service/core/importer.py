@@ -392,3 +392,88 @@ def _keywords(args: str, i: int) -> dict[str, Any]:
         return {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg is not None}
     except (SyntaxError, ValueError):
         raise ValueError(bad) from None
+
+
+# -- files ---------------------------------------------------------------------------------
+
+#: The metadata key (safetensors) or dict key (torch.save) holding ``repr(module)``.
+ARCHITECTURE = "architecture"
+_HOW = (
+    "save it as: save_file(model.state_dict(), 'model.safetensors', "
+    "metadata={'architecture': repr(model)})"
+)
+
+
+def read_model_file(path: Path) -> nn.Module:
+    """The module saved in ``path`` with its architecture: a safetensors file whose metadata
+    holds ``repr(model)``, or a ``torch.save`` of ``{"architecture": repr(model),
+    "state_dict": model.state_dict()}``. Nothing in the file is run: safetensors holds only
+    tensors, and ``torch.load`` reads with ``weights_only=True``."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        architecture, state = _read_safetensors(path)
+    else:
+        architecture, state = _read_torch(path)
+    try:
+        module = read_architecture(architecture)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise ValueError(
+            f"{path}: the weights do not fit the architecture ({first[0].strip()})"
+        ) from None
+    return module
+
+
+def _read_safetensors(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a safetensors file ({exc})") from None
+    if ARCHITECTURE not in metadata:
+        raise ValueError(f"{path}: no architecture in its metadata; {_HOW}")
+    return metadata[ARCHITECTURE], state
+
+
+def _read_torch(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    import pickle
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path}: holds more than tensors and plain containers (a whole pickled module?), "
+            f"which is not loaded; {_HOW}"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise ValueError(f"{path}: not a file torch.save wrote ({exc})") from None
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get(ARCHITECTURE), str)
+        or not isinstance(saved.get("state_dict"), dict)
+    ):
+        raise ValueError(
+            f"{path}: expected a dict with 'architecture' (repr(model)) and 'state_dict'; {_HOW}"
+        )
+    return saved[ARCHITECTURE], saved["state_dict"]
+
+
+def import_file(path: Path, out: Path, *, task: Task, **options: Any) -> ModelConfig:
+    """``save_torch_model`` of the module saved in ``path`` (see ``read_model_file``)."""
+    module = read_model_file(path)
+    return save_torch_model(
+        module,
+        out,
+        name=out.name,
+        task=task,
+        source=f"dropout-service import {path.name}",
+        **options,
+    )

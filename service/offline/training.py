@@ -49,7 +49,8 @@ def standardization(v: np.ndarray) -> Standardization:
     return Standardization(mean=v.mean(0).tolist(), std=np.where(std > 0, std, 1.0).tolist())
 
 
-def _apply(s: Standardization, v: np.ndarray) -> np.ndarray:
+def standardise(s: Standardization, v: np.ndarray) -> np.ndarray:
+    """``v`` in the units of ``s``: ``(v - mean) / std``."""
     z: np.ndarray = (v - np.asarray(s.mean)) / np.asarray(s.std)
     return z
 
@@ -112,7 +113,7 @@ def fit_standardised(
     """Standardise with this data's statistics, then fit."""
     sx, sy = standardization(x), standardization(y)
     config = config.model_copy(update={"input_standardization": sx, "target_standardization": sy})
-    return config, fit(config, _apply(sx, x), _apply(sy, y), opts, desc)
+    return config, fit(config, standardise(sx, x), standardise(sy, y), opts, desc)
 
 
 def estimate_noise_variance(
