@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import __version__
-from service.protocols.http import health, v1, v2
+from service.protocols.http import health, repository, v1, v2
 from service.protocols.http.errors import install_error_handlers
 from service.protocols.http.hotpath import HotPath
 from service.protocols.http.limits import BodyLimits, JSONGuard
@@ -67,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
+    app.include_router(repository.router)
+    app.include_router(v2.catch_all(v2.router, repository.router))  # last: any other /v2/...
     install_error_handlers(app)
 
     @app.get("/metrics", tags=["health"], response_class=Response)

@@ -142,6 +142,45 @@ def _train_csv(args: argparse.Namespace, opts: TrainOptions) -> int:
     return _print_trained(out, report)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from service.client import Client, ServiceError
+
+    try:
+        inputs = json.loads(args.input)
+    except json.JSONDecodeError as exc:
+        return _fail(f"--input is not JSON: {exc}")
+    with Client(args.url, timeout=args.timeout) as client:
+        try:
+            if not args.mc:
+                answer: dict[str, object] = {"outputs": client.predict(args.model, inputs)}
+            else:
+                mc = client.predict_mc(
+                    args.model, inputs, n_samples=args.n_samples, seed=args.seed,
+                    coverage=args.coverage, target_se=args.target_se,
+                )  # fmt: skip
+                fields = {**asdict(mc), **mc.extra}
+                fields.pop("extra")
+                answer = {k: v for k, v in fields.items() if v is not None}
+        except ServiceError as exc:
+            return _fail(str(exc))
+        except httpx_errors() as exc:
+            return _fail(f"{args.url}: {exc}")
+    plain = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in answer.items()}
+    print(json.dumps(plain))
+    return 0
+
+
+def httpx_errors() -> type[Exception]:
+    import httpx
+
+    return httpx.HTTPError
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -316,6 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
         imp.add_argument(f"--{what}", help=f"standardisation {what.replace('-', ' ')}: a,b,c")
     imp.add_argument("--noise-variance", help="regression: aleatoric variance per output")
     imp.set_defaults(func=_import)
+
+    pred = sub.add_parser("predict", help="ask a running service, print its answer as JSON")
+    pred.add_argument("model", help="the model's name")
+    pred.add_argument("--input", required=True, help="rows as JSON: '[[1.0, 2.0], ...]'")
+    pred.add_argument("--url", default="http://127.0.0.1:8000", help="the service")
+    pred.add_argument("--mc", action="store_true", help="Monte-Carlo dropout instead of eval")
+    pred.add_argument("--n-samples", type=int, help="MC passes T")
+    pred.add_argument("--seed", type=int, help="MC seed (drawn by the service if absent)")
+    pred.add_argument("--coverage", type=float, help="MC intervals at this coverage")
+    pred.add_argument("--target-se", type=float, help="MC passes until this standard error")
+    pred.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    pred.set_defaults(func=_predict)
 
     r = ReportOptions()
     report = sub.add_parser("report", help="figures and numbers: why production serves eval")

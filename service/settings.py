@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.cpus import available_cpus
@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     )
     max_connections: int = Field(
         1000, ge=1, description="Most open connections per worker; the next gets 503."
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the model-control endpoints (/v2/repository/...); "
+        "unset, they answer 403. Never logged.",
     )
     access_log: bool = Field(True, description="One JSON access-log line per request, stdout.")
     mc_mask: Literal["packed", "torch"] = Field(

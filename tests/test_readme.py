@@ -15,10 +15,14 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +32,8 @@ from tests.helpers import ROOT, serve
 
 PAGES = ["README.md", "docs/api.md", "docs/operations.md"]
 ADDRESS = "127.0.0.1:8000"  # where `make run` serves, as the pages say
+#: The shell finds dropout-service where this interpreter's environment keeps its scripts.
+PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
@@ -38,45 +44,64 @@ class Example:
     printed: list[str]  # what the page says it prints (empty: not shown)
 
 
+WALKTHROUGH = re.compile(r"<!-- walkthrough:.*?-->(.*?)<!-- /walkthrough -->", re.DOTALL)
+
+
 def blocks(page: str, language: str) -> list[str]:
-    text = (ROOT / page).read_text()
+    """The page's code blocks in ``language``, but those of its walkthrough."""
+    text = WALKTHROUGH.sub("", (ROOT / page).read_text())
     return re.findall(rf"```{language}\n(.*?)```", text, re.DOTALL)
+
+
+def walkthrough() -> list[tuple[str, str]]:
+    """The README walkthrough's blocks in order: (language, code)."""
+    (section,) = WALKTHROUGH.findall((ROOT / "README.md").read_text())
+    return re.findall(r"```(\w+)\n(.*?)```", section, re.DOTALL)
 
 
 def shell_examples(page: str) -> list[Example]:
     """Each curl command of the page's sh blocks, with the comment lines right after it."""
+    starts = ("curl ", "dropout-service predict ")  # not the long-running commands
+    return [e for block in blocks(page, "sh") for e in shell_examples_of(block, page, starts)]
+
+
+def shell_examples_of(
+    block: str, page: str = "", starts: tuple[str, ...] = ("curl ", "dropout-service ")
+) -> list[Example]:
+    """The commands of one sh block that start with ``starts``, each with the comment lines
+    right after it (what the page says it prints)."""
     examples = []
-    for block in blocks(page, "sh"):
-        lines = block.splitlines()
-        i = 0
-        while i < len(lines):
-            if not lines[i].startswith("curl "):
-                i += 1
-                continue
-            command = [lines[i]]
-            while command[-1].endswith("\\"):
-                i += 1
-                command.append(lines[i])
+    lines = block.splitlines()
+    i = 0
+    while i < len(lines):
+        if not lines[i].startswith(starts):
             i += 1
-            printed = []
-            while i < len(lines) and lines[i].startswith("# "):
-                printed.append(lines[i].removeprefix("# "))
-                i += 1
-            examples.append(Example(page, "\n".join(command), printed))
+            continue
+        command = [lines[i]]
+        while command[-1].endswith("\\"):
+            i += 1
+            command.append(lines[i])
+        i += 1
+        printed = []
+        while i < len(lines) and lines[i].startswith("# "):
+            printed.append(lines[i].removeprefix("# "))
+            i += 1
+        examples.append(Example(page, "\n".join(command), printed))
     return examples
+
+
+def printed_after_prints(code: str) -> list[str]:
+    """The comment line right after each ``print(``: what the page says it prints."""
+    lines = code.splitlines()
+    prints = [i for i, line in enumerate(lines) if line.lstrip().startswith("print(")]
+    return [lines[i + 1].removeprefix("# ") for i in prints]
 
 
 def python_examples(page: str) -> list[Example]:
     """Each Python block, with the comment line after each ``print(``."""
     examples = []
     for block in blocks(page, "python"):
-        lines = block.splitlines()
-        printed = [
-            lines[i + 1].removeprefix("# ")
-            for i, line in enumerate(lines)
-            if line.startswith("print(")
-        ]
-        examples.append(Example(page, block, printed))
+        examples.append(Example(page, block, printed_after_prints(block)))
     return examples
 
 
@@ -116,7 +141,7 @@ PYTHON = [e for page in PAGES for e in python_examples(page)]
 
 def test_the_pages_hold_the_examples_this_test_expects() -> None:
     assert len(SHELL) >= 12
-    assert len(PYTHON) == 1
+    assert len(PYTHON) == 2
     assert sum(bool(e.printed) for e in SHELL) >= 5
 
 
@@ -133,6 +158,7 @@ def run_shell(command: str, address: str) -> str:
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "PATH": PATH},
     )
     assert done.returncode == 0, (command, done.stderr)
     return done.stdout
@@ -158,8 +184,8 @@ def run_python(example: Example, address: str) -> tuple[dict[str, Any], list[str
     return namespace, lines
 
 
-def test_python_example_runs_and_prints_what_the_page_says(address: str) -> None:
-    (example,) = PYTHON
+@pytest.mark.parametrize("example", PYTHON, ids=[e.page for e in PYTHON])
+def test_python_example_runs_and_prints_what_the_page_says(example: Example, address: str) -> None:
     _, printed = run_python(example, address)
     assert len(printed) == len(example.printed)
     for says, got in zip(example.printed, printed, strict=True):
@@ -180,7 +206,7 @@ def test_v1_v2_and_the_python_client_answer_the_same_bits(address: str) -> None:
     mc_v1 = json.loads(run_shell(find("README.md", "/predict/mc", '"seed": 7').command, address))
     v2 = json.loads(run_shell(find("README.md", "/v2/", '"seed": 7').command, address))
     mc_v2 = {o["name"]: o["data"] for o in v2["outputs"]}
-    namespace, _ = run_python(PYTHON[0], address)
+    namespace, _ = run_python(next(e for e in PYTHON if e.page == "README.md"), address)
 
     assert namespace["result"].as_numpy("output").tobytes() == (
         np.float32(eval_v1["outputs"]).tobytes()
@@ -189,3 +215,39 @@ def test_v1_v2_and_the_python_client_answer_the_same_bits(address: str) -> None:
         v1 = np.float64(mc_v1[name]).reshape(-1)
         assert v1.tobytes() == np.float64(mc_v2[name]).tobytes()
         assert v1.tobytes() == namespace["mc"].as_numpy(name).reshape(-1).tobytes()
+
+
+def test_the_walkthrough_serves_a_model_trained_in_pytorch(tmp_path: Path) -> None:
+    """Train in PyTorch, save, import, load into the running service, ask with the client:
+    the README's blocks in order, in an empty folder beside a server of its models/."""
+    work = tmp_path / "work"
+    shutil.copytree(ROOT / "models", work / "models")
+    token = "walkthrough-token"
+    env = {**os.environ, "DROPOUT_ADMIN_TOKEN": token, "PATH": PATH}
+    steps = walkthrough()
+    assert [language for language, _ in steps] == ["python", "sh", "python"]
+    log = tmp_path / "log"
+    with serve(log, "--models", str(work / "models"), DROPOUT_ADMIN_TOKEN=token) as (_, url):
+        address = url.removeprefix("http://")
+        for language, code in steps:
+            code = code.replace(ADDRESS, address)
+            if language == "python":
+                lines = code.splitlines()
+                says = [
+                    lines[i + 1][2:] for i, x in enumerate(lines) if x.lstrip().startswith("print(")
+                ]
+                done = subprocess.run(
+                    [sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True
+                )
+                assert done.returncode == 0, done.stderr[-2000:]
+                assert done.stdout.splitlines() == says
+                continue
+            for example in shell_examples_of(code):
+                out = subprocess.run(
+                    ["bash", "-c", example.command], cwd=work, env=env, capture_output=True,
+                    text=True, timeout=120,
+                )  # fmt: skip
+                assert out.returncode == 0, (example.command, out.stderr)
+                assert same_up_to_last_digits("\n".join(example.printed), out.stdout), out.stdout
+    assert (work / "model.safetensors").is_file()
+    assert (work / "models" / "mine" / "config.json").is_file()

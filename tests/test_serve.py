@@ -125,6 +125,8 @@ def test_metrics_of_two_workers_count_every_request_whichever_answers_the_scrape
                 ("status", "200"),
             ),
         )
+        # A worker counts a request just after sending its answer: let the last one land.
+        time.sleep(0.5)
         totals = {scrape(url)[predict] for _ in range(8)}  # new connections: either worker
         assert totals == {sent}
         proc.send_signal(signal.SIGTERM)

@@ -19,9 +19,9 @@ class ServiceError(Exception):
 class ModelNotFound(ServiceError):
     """404 (gRPC NOT_FOUND): no model of that name is served."""
 
-    def __init__(self, name: str, available: Sequence[str]) -> None:
+    def __init__(self, name: str, available: Sequence[str], among: str = "served models") -> None:
         shown = ", ".join(sorted(available)) or "none"
-        super().__init__(f"model {name[:64]!r} not found; served models: {shown}")
+        super().__init__(f"model {name[:64]!r} not found; {among}: {shown}")
 
 
 class VersionNotFound(ServiceError):
@@ -53,3 +53,16 @@ class Overloaded(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     """504 (gRPC DEADLINE_EXCEEDED): the request waited and computed past its deadline."""
+
+
+class ModelLoadFailed(ServiceError):
+    """400 (gRPC INVALID_ARGUMENT): a model folder asked for could not be loaded; whatever
+    served before still serves."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"model {name[:64]!r} was not loaded: {reason}")
+
+
+class ControlRefused(ServiceError):
+    """409 (gRPC FAILED_PRECONDITION): model control cannot apply to this server as it runs
+    (several worker processes each hold their own models)."""

@@ -78,7 +78,7 @@ class ModelRepository:
                 repo.failures[folder.name] = str(exc)
                 continue
             except Exception as exc:  # whatever else goes wrong, the other folders still load
-                reason = f"could not be loaded ({type(exc).__name__}: {_reason(exc)})"
+                reason = describe_failure(exc)
                 log.error("refused model %s: %s", folder.name, reason, exc_info=exc)
                 repo.failures[folder.name] = reason
                 continue
@@ -190,6 +190,11 @@ def save_model(
     (folder / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     (folder / "README.md").write_text(card)
     return config
+
+
+def describe_failure(exc: Exception) -> str:
+    """The reason for an unforeseen failure to load, without a file path."""
+    return f"could not be loaded ({type(exc).__name__}: {_reason(exc)})"
 
 
 def _reason(exc: Exception) -> str:

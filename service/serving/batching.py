@@ -81,6 +81,7 @@ class EvalBatcher:
         self._pending: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._retired = False
 
     async def predict(self, x: Tensor) -> Ran[Tensor]:
         """Eval outputs for ``x (rows, in)``, bit-identical to ``blocked_predict`` alone; timed
@@ -99,11 +100,20 @@ class EvalBatcher:
         for p in self._pending:
             p.future.cancel()
 
+    def retire(self) -> None:
+        """Answer what is queued, then stop: its model was replaced or unloaded, and no new
+        request can reach this batcher (the data plane looks a model up and enqueues without
+        yielding to the event loop in between)."""
+        self._retired = True
+        self._wakeup.set()
+
     async def _work(self) -> None:
-        while True:
-            while not self._pending:
+        while self._pending or not self._retired:
+            while not self._pending and not self._retired:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            if not self._pending:
+                return
             await self._fill()
             batch = self._take()
             if batch:

@@ -16,17 +16,32 @@ import asyncio
 import functools
 import gc
 import logging
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from service.core.engine import MCResult, train_pass_seeds
-from service.core.errors import InvalidInput, NotReady, VersionNotFound
-from service.core.repository import LoadedModel, ModelRepository
+from service.core.errors import (
+    ControlRefused,
+    InvalidInput,
+    ModelLoadFailed,
+    ModelNotFound,
+    NotReady,
+    VersionNotFound,
+)
+from service.core.repository import (
+    LoadedModel,
+    ModelLoadError,
+    ModelRepository,
+    describe_failure,
+    load_model,
+)
 from service.serving.admission import Admission
 from service.serving.batching import EvalBatcher, blocked_predict
 from service.serving.jobs import JobRunner, Ran
@@ -36,6 +51,14 @@ from service.serving.outputs import OUTPUT, mc_outputs
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Model folder names (``ModelConfig.name``): never a path.
+_MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+def _is_model_name(name: str) -> bool:
+    return _MODEL_NAME.fullmatch(name) is not None
+
 
 #: The smallest magnitude that rounds to infinity in float32 (FLT_MAX plus half an ulp).
 _FLOAT32_OVERFLOW = float(2**128 - 2**103)
@@ -92,6 +115,17 @@ class CompareAnswer:
 
 
 @dataclass(frozen=True)
+class RepositoryEntry:
+    """A folder of the model repository and whether it serves (the repository extension's
+    index)."""
+
+    name: str
+    version: str
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str
+
+
+@dataclass(frozen=True)
 class Readiness:
     """What /readyz and the v2 health calls report."""
 
@@ -142,11 +176,14 @@ class DataPlane:
             settings.max_queue_size, settings.request_timeout_s, self.metrics
         )
         self._batchers: dict[str, EvalBatcher] = {}
+        self._control = asyncio.Lock()  # one load or unload at a time
+        self.device = "cpu"
 
     # -- the repository -------------------------------------------------------------------
 
     async def load(self, device: str) -> None:
         """Load the repository off the event loop, then publish it (readiness follows)."""
+        self.device = device
         s = self.settings
         try:
             repo = await asyncio.to_thread(ModelRepository.load, s.model_dir, device, s.mc_mask)
@@ -164,6 +201,81 @@ class DataPlane:
         # out of the collector's way, a full collection no longer walks some 200 000 objects
         # every few hundred requests (measured: eval at 64 clients 3793 -> 4572 requests/s).
         gc.freeze()
+
+    async def load_model(self, name: str) -> LoadedModel:
+        """(Re)load ``models/<name>`` from disk and serve it, atomically: requests already
+        admitted finish on the version they found, later ones get the new one. A folder that
+        fails its checks raises ``ModelLoadFailed`` and leaves the old version serving."""
+        folder = self._control_folder(name)
+        async with self._control:
+            args = (folder, self.device, self.settings.mc_mask)
+            try:
+                model = await asyncio.to_thread(load_model, *args)
+            except ModelLoadError as exc:
+                raise ModelLoadFailed(name, str(exc)) from None
+            except Exception as exc:
+                raise ModelLoadFailed(name, describe_failure(exc)) from None
+            self._swap(name, model)
+        return model
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving ``name``; requests already admitted finish. Unloading a folder that
+        is not served does nothing."""
+        self._control_folder(name, must_exist=False)
+        async with self._control:
+            self._swap(name, None)
+
+    def index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        """Every folder of the repository and every served model, with its state."""
+        repo = self._repository()
+        root = self.settings.model_dir
+        listed = root.iterdir() if root.is_dir() else iter(())
+        folders = [p.name for p in listed if _is_model_name(p.name) and p.is_dir()]
+        entries = []
+        for name in sorted({*folders, *repo.models}):
+            model = repo.models.get(name)
+            if model is not None:
+                entries.append(RepositoryEntry(name, model.config.version, "READY", ""))
+            elif not ready_only:
+                reason = repo.failures.get(name, "not loaded")
+                entries.append(RepositoryEntry(name, "", "UNAVAILABLE", reason))
+        return entries
+
+    def _repository(self) -> ModelRepository:
+        if self.repository is None:
+            raise NotReady("models are still loading")
+        return self.repository
+
+    def _control_folder(self, name: str, must_exist: bool = True) -> Path:
+        if self.settings.workers > 1:
+            raise ControlRefused(
+                f"this server runs {self.settings.workers} worker processes, each holding its "
+                "own models: a load or unload would reach one of them. Restart the server to "
+                "change its models, or run one worker per process (and more replicas)"
+            )
+        repo = self._repository()
+        folder = self.settings.model_dir / name
+        served = not must_exist and name in repo.models
+        if not (_is_model_name(name) and (folder.is_dir() or served)):
+            raise ModelNotFound(name, [e.name for e in self.index()], "repository folders")
+        return folder
+
+    def _swap(self, name: str, model: LoadedModel | None) -> None:
+        """Serve ``model`` under ``name`` (None: nothing), on the event loop: no request sees
+        a half-made change. The replaced version's batcher answers what it holds, then stops."""
+        repo = self._repository()
+        old = repo.models.pop(name, None)
+        repo.failures.pop(name, None)
+        if old is not None:
+            c = old.config
+            self.metrics.model_info.labels(c.name, c.version, c.sha256, c.task).set(0)
+            batcher = self._batchers.pop(name, None)
+            if batcher is not None:
+                batcher.retire()
+        if model is not None:
+            repo.models[name] = model
+            c = model.config
+            self.metrics.model_info.labels(c.name, c.version, c.sha256, c.task).set(1)
 
     def readiness(self) -> Readiness:
         """Ready once loaded, with every model (or, if allowed, some) served."""

@@ -16,8 +16,10 @@ from starlette.requests import ClientDisconnect
 
 from service.core.errors import (
     RETRY_AFTER_SECONDS,
+    ControlRefused,
     DeadlineExceeded,
     InvalidInput,
+    ModelLoadFailed,
     ModelNotFound,
     NotReady,
     Overloaded,
@@ -33,6 +35,8 @@ V1_STATUS: dict[type[ServiceError], int] = {
     NotReady: 503,
     Overloaded: 503,
     DeadlineExceeded: 504,
+    ModelLoadFailed: 400,
+    ControlRefused: 409,
 }
 #: The Open Inference Protocol answers bad input with 400; the rest as v1.
 V2_STATUS: dict[type[ServiceError], int] = {**V1_STATUS, InvalidInput: 400}

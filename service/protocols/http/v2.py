@@ -242,25 +242,33 @@ def encode(answer: InferAnswer, body: InferenceRequest, params: InferParameters)
     )
 
 
-@router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
-async def unsupported(request: Request, path: str) -> Response:
-    """Endpoints of protocol extensions this server lacks answer in the protocol's format."""
-    allowed = sorted(  # this catch-all also meets PUT /v2/health/live: that path exists, 405
-        method
-        for route in router.routes
-        if isinstance(route, APIRoute) and route.endpoint is not unsupported
-        if route.matches(request.scope)[0] is Match.PARTIAL
-        for method in route.methods or ()
+def catch_all(*served: APIRouter) -> APIRouter:
+    """A last router for ``/v2/...``: what the ``served`` routers lack answers in the
+    protocol's format, 405 where the path exists with other methods, else 404."""
+    fallback = APIRouter(prefix="/v2")
+
+    @fallback.api_route(
+        "/{path:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False
     )
-    if allowed:
-        return Response(
-            orjson.dumps({"error": f"method {request.method} not allowed; use {allowed}"}),
-            status_code=405,
-            media_type="application/json",
-            headers={"Allow": ", ".join(allowed)},
+    async def unsupported(request: Request, path: str) -> Response:
+        allowed = sorted(  # it also meets PUT /v2/health/live: that path exists, 405
+            method
+            for r in served
+            for route in r.routes
+            if isinstance(route, APIRoute) and route.matches(request.scope)[0] is Match.PARTIAL
+            for method in route.methods or ()
         )
-    return Response(
-        orjson.dumps({"error": f"/v2/{path[:128]} is not an endpoint of this server"}),
-        status_code=404,
-        media_type="application/json",
-    )
+        if allowed:
+            return Response(
+                orjson.dumps({"error": f"method {request.method} not allowed; use {allowed}"}),
+                status_code=405,
+                media_type="application/json",
+                headers={"Allow": ", ".join(allowed)},
+            )
+        return Response(
+            orjson.dumps({"error": f"/v2/{path[:128]} is not an endpoint of this server"}),
+            status_code=404,
+            media_type="application/json",
+        )
+
+    return fallback
