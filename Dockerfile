@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Production image of dropout-service. Build and run (docs/deploy.md has the rest):
 #   docker build -t dropout-service .
-#   docker run --rm -p 8000:8000 dropout-service
+#   docker run --rm -p 8000:8000 -p 8001:8001 dropout-service      (REST, gRPC)
 # tests/test_container.py replays the build stage's commands and the runtime's entrypoint
 # and health check outside Docker, so keep each step a plain RUN, ENV or exec-form command.
 
@@ -40,10 +40,12 @@ WORKDIR /app
 COPY models ./models
 ENV DROPOUT_HOST=0.0.0.0 \
     DROPOUT_PORT=8000 \
+    DROPOUT_GRPC_PORT=8001 \
     DROPOUT_WORKERS=1 \
     DROPOUT_MODEL_DIR=/app/models
 USER 10001:10001
-EXPOSE 8000
+# REST, and the Open Inference Protocol over gRPC.
+EXPOSE 8000 8001
 # The slim image has no curl; the venv's python checks liveness on the configured port.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('DROPOUT_PORT', '8000'), timeout=4)"]

@@ -11,7 +11,7 @@ TORCH_INDEX_URL ?=
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt \
           $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 
-.PHONY: run test lint format bench clean fuzz soak
+.PHONY: run test lint format bench clean fuzz soak proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ test: lint
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix service tests bench
 	$(BIN)/ruff format service tests bench
+
+# The gRPC messages from their .proto (run from the root, so the descriptor's file name is
+# service/protocols/grpc/predict_v2.proto); tests/test_grpc.py fails if they drift.
+proto: $(VENV)/.installed-dev
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. \
+	    service/protocols/grpc/predict_v2.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -278,6 +278,30 @@ def throughput_section(seconds: int) -> str:
     )
 
 
+def adaptive_section() -> str:
+    """Adaptive sampling against a fixed T (bench/adaptive.py), run as its own process."""
+    command = [sys.executable, str(ROOT / "bench" / "adaptive.py")]
+    text = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return f"\n## Adaptive sampling: target_se against a fixed T\n\n{text}"
+
+
+GRPC_START = "<!-- grpc: written by bench/grpc_rest.py --write -->"
+GRPC_END = "<!-- /grpc -->"
+GRPC_READING = """
+How to read it: both doors call the same data plane, so the difference is the transport:
+JSON parsing and formatting on REST against protobuf with raw tensor bytes on gRPC, and
+HTTP/1.1 against HTTP/2 framing. The load generator is an asyncio client on the same two
+cores as the server, so at 64 clients the client's own cost bounds both columns.
+"""
+
+
+def grpc_section(seconds: int) -> str:
+    """gRPC against REST v2 (bench/grpc_rest.py), run as its own process."""
+    command = [sys.executable, str(ROOT / "bench" / "grpc_rest.py"), "--seconds", str(seconds)]
+    text = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return f"\n## gRPC against REST v2\n\n{GRPC_START}\n{text}{GRPC_END}\n{GRPC_READING}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs (about 3 minutes)")
@@ -324,6 +348,8 @@ def main() -> None:
     )
     sections = request_path_section(100 if args.quick else 300)
     sections += throughput_section(2 if args.quick else 5)
+    sections += adaptive_section()
+    sections += grpc_section(2 if args.quick else 5)
     sections += kept_ab_section(args.out)
     args.out.write_text(text + sections + NOTES)
     replace_headline(ROOT / "README.md", head)

@@ -1,6 +1,6 @@
 """Soak test: mixed eval/MC traffic from many concurrent clients against a real server.
 
-Starts `python -m service serve` (one worker) on a free loopback port over a temporary
+Starts `python -m service serve` (one worker, gRPC on) on free loopback ports over a temporary
 repository (the test models plus the shipped `concrete`), records every request's answer
 sent alone, then lets N clients send random requests from that pool for a fixed time.
 Every answer under load must equal its solo answer byte for byte (seeded MC included); no
@@ -10,6 +10,8 @@ Prints a Markdown summary and exits 1 if a criterion fails; --json writes the fi
 Usage: python bench/soak.py [--duration 180] [--clients 64] [--warmup 30] [--json out.json]
 
 The traffic mix is the MIX table: add a row (path and a body factory) for a new endpoint.
+gRPC rows (Open Inference Protocol ModelInfer) share one HTTP/2 channel among the clients;
+their status codes count as REST's (UNAVAILABLE as 503, INTERNAL as 500).
 """
 
 from __future__ import annotations
@@ -33,11 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.helpers writes the test models
 
+from service.protocols.grpc import predict_v2_pb2 as pb  # noqa: E402
+from service.protocols.grpc.server import SERVICE  # noqa: E402
 from tests.helpers import write_test_repository  # noqa: E402
 
 Body = dict[str, Any]
@@ -69,14 +75,44 @@ def v2_infer(rng: random.Random, inputs: list[list[float]]) -> Body:
     return body
 
 
+def grpc_infer(rng: random.Random, model: str, inputs: list[list[float]]) -> Body:
+    """A ModelInfer request: eval, or seeded MC when a coin says so."""
+    body: Body = {"model": model, "inputs": inputs, "parameters": {}}
+    if rng.random() < 0.5:
+        body["parameters"] = {"n_samples": rng.choice([10, 100]), "seed": rng.randrange(2**63)}
+    return body
+
+
+def grpc_request(body: Body) -> pb.ModelInferRequest:
+    x = np.array(body["inputs"], dtype="<f4")
+    request = pb.ModelInferRequest(model_name=body["model"])
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    for key, value in body["parameters"].items():
+        request.parameters[key].int64_param = value
+    return request
+
+
+#: gRPC status codes as the HTTP statuses REST gives the same errors (else 500).
+GRPC_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
 @dataclass(frozen=True)
 class Traffic:
-    """One kind of request: where it goes, how often, and how to make a body."""
+    """One kind of request: where it goes (an HTTP path, or a gRPC call), how often, and how
+    to make a body."""
 
     name: str
     weight: int
     path: str
     body: Callable[[random.Random], Body]
+    protocol: str = "http"
 
 
 MIX = [
@@ -106,6 +142,20 @@ MIX = [
         "/v2/models/concrete/infer",
         lambda r: v2_infer(r, rows(r, 8, CONCRETE_ROW)),
     ),
+    Traffic(
+        "gRPC infer concrete",
+        2,
+        f"/{SERVICE}/ModelInfer",
+        lambda r: grpc_infer(r, "concrete", rows(r, 8, CONCRETE_ROW)),
+        "grpc",
+    ),
+    Traffic(
+        "gRPC infer clf",
+        1,
+        f"/{SERVICE}/ModelInfer",
+        lambda r: grpc_infer(r, "clf", rows(r, 5)),
+        "grpc",
+    ),
 ]
 
 
@@ -134,10 +184,12 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def start_server(model_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def start_server(model_dir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    """The server's process, HTTP URL and gRPC address."""
+    port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DROPOUT_")}
     env["DROPOUT_LOG_LEVEL"] = "warning"
+    env["DROPOUT_GRPC_PORT"] = str(grpc_port)
     cmd = [
         sys.executable,
         "-m",
@@ -154,7 +206,7 @@ def start_server(model_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/readyz").status_code == 200:
-                return proc, url
+                return proc, url, f"127.0.0.1:{grpc_port}"
         except httpx.TransportError:
             pass
         time.sleep(0.1)
@@ -167,10 +219,22 @@ def make_pool(seed: int, per_kind: int) -> list[tuple[Traffic, Body]]:
     return [(t, t.body(rng)) for t in MIX for _ in range(per_kind)]
 
 
-def solo_answers(url: str, pool: list[tuple[Traffic, Body]]) -> list[bytes]:
-    with httpx.Client(base_url=url, timeout=60) as client:
+def grpc_answer(response: pb.ModelInferResponse) -> bytes:
+    return response.SerializeToString(deterministic=True)
+
+
+def solo_answers(url: str, grpc_url: str, pool: list[tuple[Traffic, Body]]) -> list[bytes]:
+    with httpx.Client(base_url=url, timeout=60) as client, grpc.insecure_channel(grpc_url) as ch:
         answers = []
         for traffic, body in pool:
+            if traffic.protocol == "grpc":
+                call = ch.unary_unary(
+                    traffic.path,
+                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                    response_deserializer=pb.ModelInferResponse.FromString,
+                )
+                answers.append(grpc_answer(call(grpc_request(body), timeout=60)))
+                continue
             r = client.post(traffic.path, json=body)
             r.raise_for_status()
             answers.append(r.content)
@@ -203,6 +267,7 @@ async def send(
 
 async def load(
     url: str,
+    grpc_url: str,
     pool: list[tuple[Traffic, Body]],
     solo: list[bytes],
     clients: int,
@@ -213,22 +278,42 @@ async def load(
     weights = [t.weight for t, _ in pool]
     stop = time.monotonic() + duration
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client,
+        grpc.aio.insecure_channel(grpc_url) as channel,
+    ):
+        infer = channel.unary_unary(
+            f"/{SERVICE}/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        requests = [grpc_request(b) if t.protocol == "grpc" else None for t, b in pool]
+
+        async def answer(k: int) -> tuple[int, bytes] | None:
+            traffic, body = pool[k]
+            if traffic.protocol == "http":
+                r = await send(client, traffic.path, body, tally)
+                return None if r is None else (r.status_code, r.content)
+            try:
+                return 200, grpc_answer(await infer(requests[k], timeout=60))
+            except grpc.aio.AioRpcError as exc:
+                return GRPC_STATUS.get(exc.code(), 500), b""
 
         async def one_client(i: int) -> None:
             rng = random.Random(seed * 1000 + i)
             while time.monotonic() < stop:
                 k = rng.choices(range(len(pool)), weights)[0]
-                traffic, body = pool[k]
+                traffic = pool[k][0]
                 tally.sent += 1
                 tally.by_kind[traffic.name] += 1
                 start = time.perf_counter()
-                r = await send(client, traffic.path, body, tally)
-                if r is None:
+                answered = await answer(k)
+                if answered is None:
                     continue
                 tally.latencies.append(time.perf_counter() - start)
-                tally.statuses[r.status_code] += 1
-                if r.status_code == 200 and r.content != solo[k]:
+                status, content = answered
+                tally.statuses[status] += 1
+                if status == 200 and content != solo[k]:
                     tally.mismatched += 1
 
         await asyncio.gather(*(one_client(i) for i in range(clients)))
@@ -247,6 +332,7 @@ async def sample_rss(
 
 async def soak(
     url: str,
+    grpc_url: str,
     pid: int,
     args: argparse.Namespace,
     pool: list[tuple[Traffic, Body]],
@@ -255,7 +341,7 @@ async def soak(
     samples: list[tuple[float, float]] = []
     done = asyncio.Event()
     sampler = asyncio.create_task(sample_rss(pid, 1.0, samples, done))
-    tally = await load(url, pool, solo, args.clients, args.duration, args.seed)
+    tally = await load(url, grpc_url, pool, solo, args.clients, args.duration, args.seed)
     done.set()
     await sampler
     return tally, samples
@@ -353,12 +439,12 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(tmp)
         write_test_repository(model_dir)
         shutil.copytree(ROOT / "models" / "concrete", model_dir / "concrete")
-        proc, url = start_server(model_dir)
+        proc, url, grpc_url = start_server(model_dir)
         try:
             pool = make_pool(args.seed, args.per_kind)
-            solo = solo_answers(url, pool)
-            tally, rss = asyncio.run(soak(url, proc.pid, args, pool, solo))
-            replay_ok = solo_answers(url, pool) == solo
+            solo = solo_answers(url, grpc_url, pool)
+            tally, rss = asyncio.run(soak(url, grpc_url, proc.pid, args, pool, solo))
+            replay_ok = solo_answers(url, grpc_url, pool) == solo
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -1,4 +1,5 @@
-"""App factory: the data plane, the HTTP front doors on it, and the model-loading lifespan.
+"""App factory: the data plane, the HTTP front doors on it, and the lifespan that loads the
+models and runs the gRPC front door beside HTTP.
 
 Importing this module loads no model and reads no environment; ``create_app`` does the work.
 """
@@ -45,9 +46,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     device = settings.torch_device()  # a device this machine lacks stops the start here
     plane.metrics.torch_threads.set(settings.intra_op_threads())
     loading = asyncio.create_task(plane.load(device))
+    grpc_server = None
     try:
+        if settings.grpc_port:  # imported here: grpc costs nothing where it is off
+            from service.protocols.grpc import server as grpc_door
+
+            grpc_server = await grpc_door.start(plane, settings)
         yield
     finally:
+        if grpc_server is not None:
+            # uvicorn has drained HTTP by now; calls in flight get as long as a deadline.
+            await grpc_server.stop(grace=settings.request_timeout_s)
         loading.cancel()
         plane.close()
         plane.metrics.close()

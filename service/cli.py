@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.offline.options import (
+    ACTIVATIONS,
     DIGITS_OPTIONS,
     SINE_GAP_OPTIONS,
     ProtocolOptions,
@@ -43,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     flags = {
         "host": args.host,
         "port": args.port,
+        "grpc_port": args.grpc_port,
         "model_dir": args.models,
         "workers": args.workers,
     }
@@ -90,6 +92,7 @@ def _options(args: argparse.Namespace, input_dropout: bool) -> TrainOptions:
         hidden=tuple(args.hidden),
         dropout=args.dropout,
         input_dropout=input_dropout,
+        activation=args.activation,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -109,6 +112,7 @@ def _print_trained(out: Path, report: TrainReport) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
     opts = _options(args, input_dropout=not args.no_input_dropout)
     if args.dataset.endswith(".csv"):
         return _train_csv(args, opts)
@@ -213,6 +217,63 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from service.core.calibration import conformal_quantile
+    from service.core.repository import ModelLoadError, read_config
+    from service.offline.calibrating import calibrate_folder
+    from service.offline.tabular import DataError, read_csv
+
+    _set_threads(args.threads)
+    try:
+        config = read_config(args.model)
+    except ModelLoadError as exc:
+        return _fail(f"{args.model}: {exc}")
+    if args.data.endswith(".csv"):
+        if args.target is None:
+            return _fail("a CSV file needs --target COLUMN, the column the model predicts")
+        features = args.features.split(",") if args.features else None
+        try:
+            table = read_csv(Path(args.data), args.target, config.task, features, min_classes=1)
+        except DataError as exc:
+            return _fail(str(exc))
+        x, y = table.x, table.y
+        if table.labels is not None:  # CSV classes by name, onto the model's class indices
+            names = config.labels or [str(i) for i in range(config.output_dim)]
+            unknown = sorted(set(table.labels) - set(names))
+            if unknown:
+                return _fail(f"{args.data}: class {unknown[0]!r} is not one of {names}")
+            index = np.array([names.index(label) for label in table.labels])
+            y = index[table.y]
+        fitted_on = f"{args.data}: {len(x)} rows"
+    else:
+        if args.target is not None or args.features is not None:
+            return _fail("--target and --features are for a CSV file (data.csv)")
+        if config.task != "regression":
+            return _fail("the UCI data sets are regression; give a CSV file for a classifier")
+        from service.offline.datasets import UCIDataset
+
+        dataset = UCIDataset.load(args.data)
+        split = dataset.split(args.split)
+        x, y = split.x_test, split.y_test
+        fitted_on = f"{dataset.name} split {args.split}: its {len(x)} test rows"
+    try:
+        cal = calibrate_folder(args.model, x, y, args.mc_samples, args.seed, fitted_on)
+    except (ValueError, ModelLoadError) as exc:
+        return _fail(f"{args.model}: {exc}")
+    print(f"wrote the calibration of {args.model} ({fitted_on})")
+    if cal.temperature is not None:
+        print(f"  temperature: {cal.temperature:.4g}")
+    for level in (0.9, 0.95, 0.99):
+        q = conformal_quantile(cal.scores, level)
+        shown = "needs more rows" if q is None else f"{q:.4g}"
+        print(f"  conformal quantile at {level:g}: {shown}")
+    print(f"  out-of-distribution reference (99th percentile): {cal.ood_reference}")
+    print("  load the model again (or restart the service) to serve it")
+    return 0
+
+
 def _train_digits(args: argparse.Namespace) -> int:
     from service.offline.demos import train_digits
 
@@ -241,6 +302,9 @@ def _add_fit_options(parser: argparse.ArgumentParser, d: TrainOptions) -> None:
     """Flags shared by the training commands, with that command's defaults."""
     parser.add_argument("--version", default="1", help="model version (default 1)")
     parser.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden))
+    parser.add_argument(
+        "--activation", choices=ACTIVATIONS, default=d.activation, help="of the hidden layers"
+    )
     parser.add_argument("--dropout", type=float, default=d.dropout)
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -278,8 +342,9 @@ def _benchmark(args: argparse.Namespace) -> int:
     for name in args.datasets:
         result = run_protocol(UCIDataset.load(name), opts)
         results.append(result)
-        print(results_table([result]).splitlines()[-1], flush=True)
-    print(results_table(results))
+        print(results_table([result]) + "\n", flush=True)
+    if len(results) > 1:
+        print(results_table(results))
     if args.json:
         args.json.write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
     return 0
@@ -317,9 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dropout-service", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve the model repository over HTTP")
+    serve = sub.add_parser("serve", help="serve the model repository over HTTP and gRPC")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument(
+        "--grpc-port", type=int, help="Open Inference Protocol over gRPC (default 8001; 0: off)"
+    )
     serve.add_argument("--models", type=Path, help="model repository folder (default models)")
     serve.add_argument("--workers", type=int, help="server processes (default 1)")
     serve.set_defaults(func=_serve)
@@ -338,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--split", type=int, default=0, help="UCI: published split (default 0)")
     train.add_argument("--out", type=Path, help="model folder (default models/<dataset>)")
     train.add_argument("--no-input-dropout", action="store_true", help="no dropout on inputs")
+    train.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     _add_fit_options(train, TrainOptions())
     train.set_defaults(func=_train)
 
@@ -355,6 +424,22 @@ def build_parser() -> argparse.ArgumentParser:
         imp.add_argument(f"--{what}", help=f"standardisation {what.replace('-', ' ')}: a,b,c")
     imp.add_argument("--noise-variance", help="regression: aleatoric variance per output")
     imp.set_defaults(func=_import)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="fit a model folder's calibration (conformal intervals or sets, OOD) on held-out rows",
+    )
+    cal.add_argument("model", type=Path, help="the model folder, models/NAME")
+    cal.add_argument(
+        "data", help="held-out rows: a CSV file, or a UCI data set (its --split's test rows)"
+    )
+    cal.add_argument("--target", help="CSV: the column the model predicts")
+    cal.add_argument("--features", help="CSV: the input columns, a,b,c (default: the rest)")
+    cal.add_argument("--split", type=int, default=0, help="UCI: published split (default 0)")
+    cal.add_argument("--mc-samples", type=int, default=1000, help="MC passes (default 1000)")
+    cal.add_argument("--seed", type=int, default=0, help="MC seed (default 0)")
+    cal.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    cal.set_defaults(func=_calibrate)
 
     pred = sub.add_parser("predict", help="ask a running service, print its answer as JSON")
     pred.add_argument("model", help="the model's name")

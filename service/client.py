@@ -41,7 +41,14 @@ class ServiceError(Exception):
 @dataclass(frozen=True)
 class MCPrediction:
     """A Monte-Carlo dropout answer: arrays of ``(rows, outputs)``, or ``(rows,)`` per row;
-    the fields of another task, or samples not asked for, are None."""
+    the fields of another task, of an uncalibrated model, of a coverage not asked for, or
+    samples not asked for, are None.
+
+    ``interval_lower`` and ``interval_upper`` (regression) or ``prediction_sets`` (a
+    ``(rows, classes)`` boolean mask) come with ``coverage``; ``coverage_method`` says how
+    they were made (``conformal`` from the model's held-out calibration, else ``gaussian``
+    or ``probability``).
+    """
 
     model: str
     version: str
@@ -50,20 +57,45 @@ class MCPrediction:
     mean: np.ndarray
     variance: np.ndarray
     std: np.ndarray
+    mc_standard_error: np.ndarray
     predictive_variance: np.ndarray | None = None
     entropy: np.ndarray | None = None
     mutual_information: np.ndarray | None = None
+    calibrated_probabilities: np.ndarray | None = None
+    interval_lower: np.ndarray | None = None
+    interval_upper: np.ndarray | None = None
+    prediction_sets: np.ndarray | None = None  # (rows, classes) bool
+    coverage: float | None = None
+    coverage_method: str | None = None
+    ood_score: np.ndarray | None = None
+    out_of_distribution: np.ndarray | None = None  # (rows,) bool
     samples: np.ndarray | None = None  # (T, rows, outputs)
     extra: dict[str, Any] = field(default_factory=dict)  # fields this client does not know
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> MCPrediction:
+    def from_json(cls, body: dict[str, Any], coverage: float | None = None) -> MCPrediction:
+        """The answer from a v1 body; ``coverage``, the one asked for (v1 names it in an
+        interval, not beside prediction sets)."""
         arrays: dict[str, Any] = {
             k: np.asarray(v, dtype=np.float32 if k == "samples" else np.float64)
             for k, v in body.items()
             if k in _ARRAYS
         }
-        known = {"model", "version", "n_samples", "seed", *_ARRAYS}
+        if "out_of_distribution" in body:
+            arrays["out_of_distribution"] = np.asarray(body["out_of_distribution"], dtype=bool)
+        interval = body.get("interval")
+        if interval is not None:
+            arrays["interval_lower"] = np.asarray(interval["lower"], dtype=np.float64)
+            arrays["interval_upper"] = np.asarray(interval["upper"], dtype=np.float64)
+            arrays["coverage"], arrays["coverage_method"] = interval["coverage"], interval["method"]
+        sets = body.get("prediction_sets")
+        if sets is not None:
+            mask = np.zeros(np.shape(body["mean"]), dtype=bool)
+            for row, members in enumerate(sets):
+                mask[row, members] = True
+            arrays["prediction_sets"] = mask
+            arrays["coverage"], arrays["coverage_method"] = coverage, body["prediction_set_method"]
+        known = {"model", "version", "n_samples", "seed", *_ARRAYS, *_STRUCTURED}
         extra = {k: v for k, v in body.items() if k not in known}
         return cls(
             model=body["model"],
@@ -79,11 +111,15 @@ _ARRAYS = (
     "mean",
     "variance",
     "std",
+    "mc_standard_error",
     "predictive_variance",
     "entropy",
     "mutual_information",
+    "calibrated_probabilities",
+    "ood_score",
     "samples",
 )
+_STRUCTURED = ("interval", "prediction_sets", "prediction_set_method", "out_of_distribution")
 
 
 def _rows(inputs: Rows) -> list[list[float]]:
@@ -197,7 +233,8 @@ class Client(_Base):
         intervals (or prediction sets), ``target_se`` for as many passes as that MC standard
         error needs (at most ``n_samples``)."""
         body = _mc_body(inputs, n_samples, seed, coverage, target_se, return_samples)
-        return MCPrediction.from_json(self._call("POST", f"/v1/models/{model}/predict/mc", body))
+        answer = self._call("POST", f"/v1/models/{model}/predict/mc", body)
+        return MCPrediction.from_json(answer, coverage)
 
 
 class AsyncClient(_Base):
@@ -253,4 +290,4 @@ class AsyncClient(_Base):
     ) -> MCPrediction:
         body = _mc_body(inputs, n_samples, seed, coverage, target_se, return_samples)
         answer = await self._call("POST", f"/v1/models/{model}/predict/mc", body)
-        return MCPrediction.from_json(answer)
+        return MCPrediction.from_json(answer, coverage)

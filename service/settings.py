@@ -19,6 +19,12 @@ class Settings(BaseSettings):
     model_dir: Path = Field(Path("models"), description="Model repository folder.")
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol over gRPC, beside HTTP (0: off).",
+    )
     workers: int = Field(1, ge=1, le=64, description="Server processes.")
     max_rows: int = Field(1024, ge=1, le=1_000_000, description="Most rows in one request.")
     default_n_samples: int = Field(100, ge=2, description="MC samples when a request names none.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,12 +12,17 @@ import pytest
 from service.settings import Settings
 from tests.helpers import (
     LiveServer,
+    free_port,
     live_server,
     random_tensors,
     wide_regression_config,
     write_model,
     write_test_repository,
 )
+
+# Apps built in tests (and servers they start) leave gRPC off unless a test names a port:
+# the default, 8001, would have every app of the session compete for one port.
+os.environ["DROPOUT_GRPC_PORT"] = "0"
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +39,7 @@ def settings(model_dir: Path) -> Settings:
         max_rows=64,
         max_n_samples=5000,
         max_sample_values=100_000,
+        grpc_port=free_port(),
     )
 
 

@@ -172,6 +172,13 @@ class LiveServer:
         host, port = sock.getsockname()[:2]
         return f"http://{host}:{port}"
 
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the gRPC front door (tritonclient.grpc's ``url``)."""
+        port = self.app.state.settings.grpc_port
+        assert port, "this server runs without gRPC (settings.grpc_port is 0)"
+        return f"127.0.0.1:{port}"
+
     def start(self, timeout: float = 20.0) -> None:
         self.thread.start()
         deadline = time.monotonic() + timeout
@@ -279,6 +286,7 @@ def serve(log: Path, *args: str, **env: str) -> Iterator[tuple[subprocess.Popen[
     """``python -m service serve`` on a free port, its output in ``log``; ready on entry."""
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DROPOUT_")}
+    clean["DROPOUT_GRPC_PORT"] = "0"  # unless env or --grpc-port names one
     cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), *args]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**clean, **env}, stdout=out, stderr=out)

@@ -16,8 +16,15 @@ from service.settings import Settings
 
 MC_BODY = {"inputs": [[1.0, 2.0]], "n_samples": 200, "seed": 42}
 # What an MC answer holds (no field of another task, nor samples unasked, even as null).
-REGRESSION_OUTPUTS = ("mean", "variance", "std", "predictive_variance")
-CLASSIFIER_OUTPUTS = ("mean", "variance", "std", "entropy", "mutual_information")
+REGRESSION_OUTPUTS = ("mean", "variance", "std", "mc_standard_error", "predictive_variance")
+CLASSIFIER_OUTPUTS = (
+    "mean",
+    "variance",
+    "std",
+    "mc_standard_error",
+    "entropy",
+    "mutual_information",
+)
 
 
 def test_healthz(client: httpx.Client) -> None:

@@ -89,7 +89,13 @@ BATTERY = [
     Bad("nan", 422, "finite number", ["body", "inputs", 0, 1], raw=raw_inputs("1.0", "NaN")),
     Bad("inf", 422, "finite number", ["body", "inputs", 0, 1], raw=raw_inputs("1", "Infinity")),
     Bad("-inf", 422, "finite number", ["body", "inputs", 0, 0], raw=raw_inputs("-Infinity", "1")),
-    Bad("beyond-float32", 422, "beyond float32", ["body", "inputs", 0], {"inputs": [[1.0, 1e39]]}),
+    Bad(
+        "beyond-float32",
+        422,
+        "within float32 range",
+        ["body", "inputs", 0],
+        {"inputs": [[1.0, 1e39]]},
+    ),
     Bad(
         "beyond-float64",
         422,
@@ -398,3 +404,77 @@ def test_repeated_headers_are_read_alike_by_every_part(
     assert says in " | ".join(messages(r.json()))
     good = slow_client.post(PREDICT, content=json.dumps(GOOD).encode(), headers=headers)
     assert good.status_code == (200 if content_types[0] == "application/json" else 422)
+
+
+# -- gRPC: the same guards behind the Open Inference Protocol's gRPC door ----------------
+
+
+def _grpc_infer(model: str = "tiny", shape: tuple[int, ...] = (1, 2), **change: Any) -> bytes:
+    """A serialized ModelInferRequest, good unless ``change`` says otherwise."""
+    import numpy as np
+
+    from service.protocols.grpc import predict_v2_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input", datatype="FP32", shape=list(shape))
+    raw = change.pop("raw") if "raw" in change else np.ones(shape, "<f4").tobytes()
+    request.raw_input_contents.append(raw)
+    for key, value in change.items():
+        request.parameters[key].int64_param = value
+    return bytes(request.SerializeToString())
+
+
+@dataclass(frozen=True)
+class BadCall:
+    id: str
+    code: str  # grpc.StatusCode's name
+    says: str
+    payload: bytes
+    method: str = "ModelInfer"
+
+
+GRPC_BATTERY = [
+    BadCall("garbage", "INVALID_ARGUMENT", "does not parse", b"\xff\xfe\xfd"),
+    BadCall("truncated", "INVALID_ARGUMENT", "does not parse", _grpc_infer()[:-3]),
+    BadCall("not-utf8-name", "INVALID_ARGUMENT", "does not parse", b"\x0a\x02\xff\xfe"),
+    BadCall("empty", "NOT_FOUND", "model '' not found", b""),
+    BadCall("unknown-model", "NOT_FOUND", "'nope' not found", _grpc_infer("nope")),
+    BadCall("long-name", "NOT_FOUND", "not found", _grpc_infer("a" * 100_000)),
+    BadCall("wrong-width", "INVALID_ARGUMENT", "has shape [1, 3]", _grpc_infer(shape=(1, 3))),
+    BadCall(
+        "huge-shape",
+        "INVALID_ARGUMENT",
+        "0 bytes of binary data",
+        _grpc_infer(shape=(2**62, 2), raw=b""),
+    ),
+    BadCall("too-many-rows", "INVALID_ARGUMENT", "65 rows exceed", _grpc_infer(shape=(65, 2))),
+    BadCall("short-bytes", "INVALID_ARGUMENT", "3 bytes of binary", _grpc_infer(raw=b"abc")),
+    BadCall("nan", "INVALID_ARGUMENT", "not a finite", _grpc_infer(raw=b"\x00\x00\xc0\x7f" * 2)),
+    BadCall("n-samples-1", "INVALID_ARGUMENT", "parameters.n_samples", _grpc_infer(n_samples=1)),
+    BadCall("negative-seed", "INVALID_ARGUMENT", "parameters.seed", _grpc_infer(seed=-5)),
+    BadCall("50MB", "RESOURCE_EXHAUSTED", "larger than max", b"\x0a" + b"\xff" * (50 * MB)),
+    BadCall(
+        "metadata-garbage", "INVALID_ARGUMENT", "does not parse", b"\x0a\x05ab", "ModelMetadata"
+    ),
+]
+
+
+@pytest.mark.parametrize("case", GRPC_BATTERY, ids=[c.id for c in GRPC_BATTERY])
+def test_bad_grpc_calls_get_a_clear_code_and_the_service_carries_on(
+    case: BadCall, server: LiveServer
+) -> None:
+    import grpc
+
+    from service.protocols.grpc.server import SERVICE
+
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        send = channel.unary_unary(f"/{SERVICE}/{case.method}")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as info:
+            send(case.payload, timeout=HANG_GUARD_S)
+        assert info.value.code().name == case.code, info.value.details()
+        details = info.value.details() or ""
+        assert case.says.lower() in details.lower()
+        assert "Traceback" not in details
+        assert ".py" not in details
+        answer = send(_grpc_infer(), timeout=HANG_GUARD_S)  # the next good call is answered
+        assert len(answer) > 0

@@ -49,3 +49,12 @@ def test_help_lists_the_commands() -> None:
     ).stdout
     assert "serve" in out
     assert "train" in out
+
+
+def test_the_command_line_knows_every_activation_the_model_does() -> None:
+    from typing import get_args
+
+    from service.core.model import ActivationName
+    from service.offline.options import ACTIVATIONS
+
+    assert get_args(ActivationName) == ACTIVATIONS

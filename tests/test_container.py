@@ -104,7 +104,7 @@ def test_runtime_stage_is_hardened() -> None:
     assert int(uid) != 0
     env = RUNTIME.env()
     assert env["DROPOUT_HOST"] == "0.0.0.0"  # reachable through the container's port mapping
-    assert env["DROPOUT_PORT"] == RUNTIME.one("EXPOSE")
+    assert RUNTIME.one("EXPOSE").split() == [env["DROPOUT_PORT"], env["DROPOUT_GRPC_PORT"]]
     assert Path(env["DROPOUT_MODEL_DIR"]).is_absolute()
     assert env["PIP_NO_CACHE_DIR"] == "1"
     install = " ".join(RUNTIME.all("RUN"))
@@ -294,12 +294,18 @@ class Container:
     pid1: int  # the server, as this machine sees it
     url: str
     port: int
+    grpc_port: int
 
 
 @pytest.fixture(scope="module")
 def container(image: Image) -> Iterator[Container]:
-    port = free_port()
-    env = image.env(DROPOUT_HOST="127.0.0.1", DROPOUT_PORT=str(port), DROPOUT_WORKERS=str(WORKERS))
+    port, grpc_port = free_port(), free_port()
+    env = image.env(
+        DROPOUT_HOST="127.0.0.1",
+        DROPOUT_PORT=str(port),
+        DROPOUT_GRPC_PORT=str(grpc_port),
+        DROPOUT_WORKERS=str(WORKERS),
+    )
     proc = subprocess.Popen(
         [*pid1_wrapper(), *RUNTIME.exec_form("ENTRYPOINT")],
         cwd=image.root,  # "/", not the WORKDIR: the model path must not depend on it
@@ -313,7 +319,8 @@ def container(image: Image) -> Iterator[Container]:
             assert proc.poll() is None, "unshare failed"
             assert time.monotonic() < deadline, "unshare did not fork"
             time.sleep(0.05)
-        box = Container(proc, children(proc.pid)[0], f"http://127.0.0.1:{port}", port)
+        url = f"http://127.0.0.1:{port}"
+        box = Container(proc, children(proc.pid)[0], url, port, grpc_port)
         poll_readyz(box.url, is_ready, timeout=240, proc=proc)  # two workers import torch
         yield box
     finally:
@@ -348,6 +355,25 @@ def test_entrypoint_answers_like_the_source_tree(container: Container) -> None:
     assert r.json()["version"] == model.config.version
     (row,) = r.json()["outputs"]
     assert row == pytest.approx(expected[0], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_entrypoint_answers_grpc_with_two_workers_on_one_port(container: Container) -> None:
+    """Both workers listen on the one gRPC port (the kernel spreads connections); fresh
+    clients get the REST answer's bits whichever worker they reach."""
+    import numpy as np
+    import tritonclient.grpc as tg
+
+    x = np.array([CONCRETE_ROW], dtype=np.float32)
+    rest = httpx.post(
+        f"{container.url}/v1/models/concrete/predict", json={"inputs": x.tolist()}, timeout=30
+    ).json()["outputs"]
+    for _ in range(8):  # fresh connections
+        with tg.InferenceServerClient(f"127.0.0.1:{container.grpc_port}") as c:
+            assert c.is_server_ready()
+            tensor = tg.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            assert c.infer("concrete", [tensor]).as_numpy("output").tolist() == rest
 
 
 @pytest.mark.slow

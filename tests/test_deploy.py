@@ -22,7 +22,8 @@ from tests.dockerfile import parse
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.34.0"  # the oldest Kubernetes the manifests promise to run on
 K8S_FILES = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
-KSERVE_FILES = sorted((ROOT / "deploy" / "kserve").glob("*.yaml"))
+KSERVE_GRPC_FILE = ROOT / "deploy" / "kserve" / "inferenceservice-grpc.yaml"
+KSERVE_FILES = sorted(set((ROOT / "deploy" / "kserve").glob("*.yaml")) - {KSERVE_GRPC_FILE})
 RUNTIME = parse(ROOT / "Dockerfile")["runtime"]
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -98,7 +99,9 @@ def test_probes_hit_the_services_health_routes() -> None:
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert c[probe]["httpGet"]["port"] in ports
     port = ports["http"]
-    assert str(port) == env_of(c)["DROPOUT_PORT"]["value"] == RUNTIME.one("EXPOSE")
+    exposed = RUNTIME.one("EXPOSE").split()
+    assert str(port) == env_of(c)["DROPOUT_PORT"]["value"] == exposed[0]
+    assert str(ports["grpc"]) == env_of(c)["DROPOUT_GRPC_PORT"]["value"] == exposed[1]
     annotations = K8S["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(port)
 
@@ -188,3 +191,25 @@ def test_kserve_container_is_a_valid_container_on_kserves_port() -> None:
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert {"/v2/health/live", "/v2/health/ready", "/v2/models/{name}/infer"} <= routes
+
+
+def test_service_exposes_grpc_as_h2c() -> None:
+    ports = {p["name"]: p for p in K8S["Service"]["spec"]["ports"]}
+    assert ports["grpc"]["targetPort"] == "grpc"
+    assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+
+
+def test_kserve_grpc_inference_service_routes_h2c_to_the_grpc_port() -> None:
+    (isvc,) = documents(KSERVE_GRPC_FILE)
+    runtime = KSERVE["ServingRuntime"]
+    assert isvc["kind"] == "InferenceService"
+    assert DNS_LABEL.match(isvc["metadata"]["name"])
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["protocolVersion"] == "grpc-v2"
+    assert "grpc-v2" in runtime["spec"]["protocolVersions"]
+    (port,) = model["ports"]
+    assert port["name"] == "h2c"  # Knative carries HTTP/2 to a port of that name
+    (c,) = runtime["spec"]["containers"]
+    assert str(port["containerPort"]) == env_of(c)["DROPOUT_GRPC_PORT"]["value"]
+    assert port["containerPort"] != c["ports"][0]["containerPort"]

@@ -70,7 +70,12 @@ def test_metrics_count_what_the_requests_did(served: LiveServer) -> None:
         key = (name, tuple(sorted(labels.items())))
         return after[key] - before.get(key, 0.0)
 
-    predict = {"method": "POST", "endpoint": "/v1/models/{name}/predict", "model": "tiny"}
+    predict = {
+        "protocol": "http",
+        "method": "POST",
+        "endpoint": "/v1/models/{name}/predict",
+        "model": "tiny",
+    }
     assert delta("dropout_http_requests_total", **predict, status="200") == 3
     assert delta("dropout_http_requests_total", **predict, status="422") == 1
     assert delta("dropout_http_request_duration_seconds_count", **predict, status="200") == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from service.cli import main
 from service.offline.datasets import UCIDataset
 from service.offline.options import ProtocolOptions
-from service.offline.stacked import mc_log_likelihood_stack, train_stack
+from service.offline.stacked import mc_samples_stack, train_stack
 from service.offline.uci import results_table, run_protocol
 from tests.helpers import write_uci_folder
 
@@ -42,14 +43,21 @@ def test_protocol_end_to_end(uci_folder: Path) -> None:
     assert result.epochs == 60
     for s in result.splits:
         assert s.dropout in (0.01, 0.2)
-        assert s.tau in (1.0, 10.0)
-        assert np.isfinite([s.validation_ll, s.test_ll, s.test_rmse_mc]).all()
+        assert s.tau_grid in (1.0, 10.0)
+        # tau is fitted on the validation rows: never worse there than the grid's value
+        assert s.validation_ll >= s.validation_ll_grid_tau
+        assert np.isfinite([s.validation_ll, s.test_ll, s.test_rmse_mc, s.tau]).all()
         assert s.test_rmse_mc < 1.5  # y's std is about 2.3: the models learnt something
+        for pct in (90, 95):
+            assert 0.5 <= getattr(s, f"conformal_coverage_{pct}") <= 1.0
+            assert 0 < getattr(s, f"conformal_width_{pct}") < math.inf
+        assert s.conformal_width_90 < s.conformal_width_95
     mean, se = result.summary("test_ll")
     assert se > 0
     assert mean == pytest.approx(np.mean([s.test_ll for s in result.splits]))
     table = results_table([result])
     assert "| toy | 3 | 60 |" in table
+    assert "conformal 95%: coverage" in table
 
 
 def test_protocol_is_reproducible_and_takes_the_multiplier(uci_folder: Path) -> None:
@@ -72,7 +80,13 @@ def test_cli_benchmark_writes_json(uci_folder: Path, tmp_path: Path) -> None:
     (result,) = json.loads(out.read_text())
     assert result["dataset"] == "toy"
     assert len(result["splits"]) == 2
-    assert set(result["summary"]) >= {"test_rmse_mc", "test_ll", "test_coverage_95"}
+    assert set(result["summary"]) >= {
+        "test_rmse_mc",
+        "test_ll",
+        "test_coverage_95",
+        "conformal_coverage_95",
+        "conformal_width_90",
+    }
 
 
 def test_stacked_models_learn_independently() -> None:
@@ -98,34 +112,25 @@ def test_stacked_weight_decay_shrinks_only_its_model() -> None:
     assert norms[1] < 0.5 * norms[0]
 
 
-def test_stacked_log_likelihood_matches_the_formula_without_dropout() -> None:
-    """With p = 0 every pass is the same, so eq. 8 is a Gaussian density around it."""
+def test_stacked_samples_without_dropout_are_the_forward_pass_in_target_units() -> None:
+    """With p = 0 every pass is the same: each sample is the model's output, unstandardised."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 50, 2, generator=g)
-    y = torch.randn(1, 50, 1, generator=g)
+    x = torch.randn(2, 50, 2, generator=g)
+    y = torch.randn(2, 50, 1, generator=g)
     stack = train_stack(
         x,
         y,
         (4,),
-        torch.tensor([0.0]),
-        torch.tensor([0.0]),
+        torch.tensor([0.0, 0.0]),
+        torch.tensor([0.0, 0.0]),
         epochs=1,
         batch_size=50,
         generator=g,
         progress=False,
     )
-    out = stack.forward(x, g)[0, :, 0].double()
-    y_mean, y_std, tau = 3.0, 2.0, 0.5
-    y_raw = y[0, :, 0].double() * y_std + y_mean
-    ll = mc_log_likelihood_stack(
-        stack,
-        x,
-        y_raw[None],
-        (torch.tensor([y_mean]), torch.tensor([y_std])),
-        torch.tensor([tau], dtype=torch.float64),
-        7,
-        g,
-    )
-    pred = out * y_std + y_mean
-    expected = -0.5 * tau * (y_raw - pred) ** 2 - 0.5 * np.log(2 * np.pi) + 0.5 * np.log(tau)
-    assert float(ll[0]) == pytest.approx(float(expected.mean()), rel=1e-5)
+    out = stack.forward(x, g)[..., 0]  # (2, 50)
+    target = (torch.tensor([3.0, -1.0]), torch.tensor([2.0, 0.5]))
+    samples = mc_samples_stack(stack, x, target, 7, g, chunk_elements=64)  # several chunks
+    assert samples.shape == (2, 7, 50)
+    want = out * target[1].view(2, 1) + target[0].view(2, 1)
+    torch.testing.assert_close(samples, want.unsqueeze(1).expand(2, 7, 50))

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, serve
+from tests.helpers import ROOT, free_port, serve
 
 PAGES = ["README.md", "docs/api.md", "docs/operations.md"]
 ADDRESS = "127.0.0.1:8000"  # where `make run` serves, as the pages say
+GRPC_ADDRESS = "127.0.0.1:8001"  # and its gRPC front door
 #: The shell finds dropout-service where this interpreter's environment keeps its scripts.
 PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -141,20 +142,32 @@ PYTHON = [e for page in PAGES for e in python_examples(page)]
 
 def test_the_pages_hold_the_examples_this_test_expects() -> None:
     assert len(SHELL) >= 12
-    assert len(PYTHON) == 2
+    assert len(PYTHON) == 3
     assert sum(bool(e.printed) for e in SHELL) >= 5
 
 
+@dataclass(frozen=True)
+class Served:
+    """Where this run's server listens, for the addresses the pages name."""
+
+    http: str
+    grpc: str
+
+    def localize(self, code: str) -> str:
+        return code.replace(ADDRESS, self.http).replace(GRPC_ADDRESS, self.grpc)
+
+
 @pytest.fixture(scope="module")
-def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     log = tmp_path_factory.mktemp("readme") / "log"
-    with serve(log, "--models", "models") as (_, url):
-        yield url.removeprefix("http://")
+    grpc_port = free_port()
+    with serve(log, "--models", "models", "--grpc-port", str(grpc_port)) as (_, url):
+        yield Served(url.removeprefix("http://"), f"127.0.0.1:{grpc_port}")
 
 
-def run_shell(command: str, address: str) -> str:
+def run_shell(command: str, address: Served) -> str:
     done = subprocess.run(
-        ["bash", "-c", f"set -o pipefail; {command.replace(ADDRESS, address)}"],
+        ["bash", "-c", f"set -o pipefail; {address.localize(command)}"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -165,7 +178,9 @@ def run_shell(command: str, address: str) -> str:
 
 
 @pytest.mark.parametrize("example", SHELL, ids=[f"{e.page}:{i}" for i, e in enumerate(SHELL)])
-def test_shell_example_runs_and_prints_what_the_page_says(example: Example, address: str) -> None:
+def test_shell_example_runs_and_prints_what_the_page_says(
+    example: Example, address: Served
+) -> None:
     out = run_shell(example.command, address)
     assert out.strip(), example.command
     assert '"detail"' not in out
@@ -174,18 +189,20 @@ def test_shell_example_runs_and_prints_what_the_page_says(example: Example, addr
         assert same_up_to_last_digits("\n".join(example.printed), out), (out, example.printed)
 
 
-def run_python(example: Example, address: str) -> tuple[dict[str, Any], list[str]]:
+def run_python(example: Example, address: Served) -> tuple[dict[str, Any], list[str]]:
     namespace: dict[str, Any] = {}
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        exec(example.command.replace(ADDRESS, address), namespace)
+        exec(address.localize(example.command), namespace)
     # Access lines of the suite's in-process servers are written in batches, maybe here.
     lines = [x for x in stdout.getvalue().splitlines() if not x.startswith('{"ts"')]
     return namespace, lines
 
 
 @pytest.mark.parametrize("example", PYTHON, ids=[e.page for e in PYTHON])
-def test_python_example_runs_and_prints_what_the_page_says(example: Example, address: str) -> None:
+def test_python_example_runs_and_prints_what_the_page_says(
+    example: Example, address: Served
+) -> None:
     _, printed = run_python(example, address)
     assert len(printed) == len(example.printed)
     for says, got in zip(example.printed, printed, strict=True):
@@ -200,13 +217,18 @@ def find(page: str, *words: str) -> Example:
     return found
 
 
-def test_v1_v2_and_the_python_client_answer_the_same_bits(address: str) -> None:
-    """The README's eval and MC request, sent three ways in one run."""
+def test_v1_v2_and_the_python_client_answer_the_same_bits(address: Served) -> None:
+    """The README's eval and MC request, sent four ways in one run (v1, REST v2, the
+    tritonclient.http example, and over gRPC)."""
     eval_v1 = json.loads(run_shell(find("README.md", "/predict ").command, address))
-    mc_v1 = json.loads(run_shell(find("README.md", "/predict/mc", '"seed": 7').command, address))
+    mc_v1 = json.loads(
+        run_shell(find("README.md", "/predict/mc", '"n_samples": 1000, "seed": 7').command, address)
+    )
     v2 = json.loads(run_shell(find("README.md", "/v2/", '"seed": 7').command, address))
     mc_v2 = {o["name"]: o["data"] for o in v2["outputs"]}
-    namespace, _ = run_python(next(e for e in PYTHON if e.page == "README.md"), address)
+    readme_http, readme_grpc = [e for e in PYTHON if e.page == "README.md"]
+    namespace, _ = run_python(readme_http, address)
+    over_grpc, _ = run_python(readme_grpc, address)
 
     assert namespace["result"].as_numpy("output").tobytes() == (
         np.float32(eval_v1["outputs"]).tobytes()
@@ -215,6 +237,7 @@ def test_v1_v2_and_the_python_client_answer_the_same_bits(address: str) -> None:
         v1 = np.float64(mc_v1[name]).reshape(-1)
         assert v1.tobytes() == np.float64(mc_v2[name]).tobytes()
         assert v1.tobytes() == namespace["mc"].as_numpy(name).reshape(-1).tobytes()
+        assert v1.tobytes() == over_grpc["mc"].as_numpy(name).reshape(-1).tobytes()
 
 
 def test_the_walkthrough_serves_a_model_trained_in_pytorch(tmp_path: Path) -> None:

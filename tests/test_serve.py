@@ -122,6 +122,7 @@ def test_metrics_of_two_workers_count_every_request_whichever_answers_the_scrape
                 ("endpoint", "/v1/models/{name}/predict"),
                 ("method", "POST"),
                 ("model", "concrete"),
+                ("protocol", "http"),
                 ("status", "200"),
             ),
         )

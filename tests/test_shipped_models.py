@@ -89,3 +89,43 @@ def test_sine_gap_std_grows_off_the_data(client: httpx.Client) -> None:
     assert min(std[2:]) > on_data
     assert mc["mean"][0][0] == pytest.approx(np.sin(-3.0), abs=0.25)
     assert all(p > v for (p,), (v,) in zip(mc["predictive_variance"], mc["variance"], strict=True))
+
+
+def test_shipped_models_carry_calibrations_fitted_on_held_out_rows() -> None:
+    for name in ("concrete", "digits", "sine-gap"):
+        cal = load_model(MODELS / name).config.calibration
+        assert cal is not None, name
+        assert cal.ood_reference is not None, name
+        assert cal.held_out_rows >= 60, name  # 20% of the training rows: 95% is boundable
+    digits = load_model(MODELS / "digits").config
+    assert digits.calibration is not None
+    assert digits.calibration.temperature is not None
+    m = digits.metrics
+    assert m["set_coverage_90"] >= 0.85
+    # The flag is a 99th-percentile threshold: few test digits, many times more noise images.
+    assert m["test_ood_flagged"] < 0.05
+    assert m["ood_uniform_noise_flagged"] > 5 * m["test_ood_flagged"]
+
+
+def test_concrete_intervals_cover_its_test_split_through_the_api(client: httpx.Client) -> None:
+    """The published test split 0 (held out from training and calibration), in one request."""
+    from service.offline.datasets import UCIDataset
+
+    split = UCIDataset.load("concrete").split(0)
+    body = {"inputs": split.x_test.tolist(), "n_samples": 1000, "seed": 1, "coverage": 0.95}
+    answer = client.post("/v1/models/concrete/predict/mc", json=body).json()
+    assert answer["interval"]["method"] == "conformal"
+    y = split.y_test
+    lower, upper = np.array(answer["interval"]["lower"]), np.array(answer["interval"]["upper"])
+    covered = float(np.mean((lower <= y) & (y <= upper)))
+    assert covered >= 0.88  # 103 rows: 0.95 asked, sampling error about 0.02
+    assert sum(answer["out_of_distribution"]) <= 5
+
+
+def test_digit_noise_is_flagged_and_a_digit_is_not(client: httpx.Client) -> None:
+    noise = np.random.default_rng(0).uniform(0, 16, size=(20, 64)).tolist()
+    body = {"inputs": [ZERO_ROW, *noise], "n_samples": 500, "seed": 4, "coverage": 0.95}
+    answer = client.post("/v1/models/digits/predict/mc", json=body).json()
+    assert answer["out_of_distribution"][0] is False
+    assert sum(answer["out_of_distribution"][1:]) >= 3  # about a third of noise images
+    assert 0 in answer["prediction_sets"][0]

@@ -24,6 +24,7 @@ def test_short_soak_loses_and_changes_nothing(tmp_path: Path) -> None:
     assert figures["dropped"] == 0, figures["dropped_by_error"]
     assert figures["mismatched"] == 0
     assert figures["solo_answers_unchanged_after"]
-    assert len(figures["by_kind"]) >= 6  # every kind of the mix was sent
+    assert len(figures["by_kind"]) >= 8  # every kind of the mix was sent, gRPC too
+    assert any(kind.startswith("gRPC") for kind in figures["by_kind"])
     assert figures["rss_growth_after_warmup"] < 0.10
     assert done.returncode == 0, done.stderr[-2000:]

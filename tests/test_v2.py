@@ -26,6 +26,7 @@ MC_FIELDS = (
     "mean",
     "variance",
     "std",
+    "mc_standard_error",
     "predictive_variance",
     "entropy",
     "mutual_information",
@@ -105,8 +106,10 @@ def test_model_metadata_lists_inputs_and_outputs(client_v2: triton.InferenceServ
         {"name": "mean", "datatype": "FP64", "shape": [-1, 3]},
         {"name": "variance", "datatype": "FP64", "shape": [-1, 3]},
         {"name": "std", "datatype": "FP64", "shape": [-1, 3]},
+        {"name": "mc_standard_error", "datatype": "FP64", "shape": [-1, 3]},
         {"name": "entropy", "datatype": "FP64", "shape": [-1]},
         {"name": "mutual_information", "datatype": "FP64", "shape": [-1]},
+        {"name": "prediction_sets", "datatype": "BOOL", "shape": [-1, 3]},
         {"name": "samples", "datatype": "FP32", "shape": [-1, -1, 3]},
     ]
     regression = [o["name"] for o in client_v2.get_model_metadata("deep")["outputs"]]

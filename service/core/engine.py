@@ -255,6 +255,30 @@ class MCResult:
     samples: Tensor | None  # (T, B, out) float32, when asked for
     entropy: Tensor | None  # (B,) classification: entropy of the mean probabilities
     mutual_information: Tensor | None  # (B,) classification: BALD
+    n_samples: int = 0  # passes drawn (fewer than asked when a target_se was met)
+
+
+#: Passes of an adaptive request's first stage; each later stage doubles the total.
+ADAPTIVE_FIRST_STAGE = 32
+
+
+def mc_stages(n_samples: int, target_se: float | None) -> Iterator[int]:
+    """The passes of each stage: all ``n_samples`` at once, or with a ``target_se`` 32, 32,
+    64, 128, ... (the total doubling) up to ``n_samples``. A pure function of the request,
+    so an adaptive answer replays from its seed like any other (it differs from a fixed-T
+    answer of the same final T: its masks are drawn in other chunks)."""
+    if target_se is None:
+        yield n_samples
+        return
+    done, total = 0, min(ADAPTIVE_FIRST_STAGE, n_samples)
+    while done < n_samples:
+        yield total - done
+        done, total = total, min(2 * total, n_samples)
+
+
+def _worst_se(moments: _Moments, passes: int) -> float:
+    """The largest MC standard error ``sqrt(variance / T)`` over every row and output."""
+    return float((moments.variance() / passes).max().sqrt())
 
 
 class _Moments:
@@ -435,12 +459,15 @@ class MLPEngine:
         return_samples: bool = False,
         stop: Callable[[], bool] | None = None,
         map_tiles: TileMap = map,
+        target_se: float | None = None,
     ) -> MCResult:
         """``n_samples`` dropout passes seeded by ``seed``, summarised (and kept if asked).
 
         ``stop`` is asked before every tile: when it answers True the call raises ``Stopped``
         (a request past its deadline, or whose client left). ``map_tiles`` computes the tiles
         of a chunk, in order or on several threads: the answer is the same bits either way.
+        With ``target_se`` the passes come in stages (``mc_stages``) until every output's
+        standard error ``sqrt(variance / T)`` is at most ``target_se``, ``n_samples`` at most.
         """
         if n_samples < 1:
             raise ValueError("n_samples must be >= 1")
@@ -448,26 +475,30 @@ class MLPEngine:
             source = mask_source(seed, self.mask_mode, self.device)
             h0 = self._prefix(x)  # (B, d)
             rows = h0.shape[0]
-            chunk = self.chunk_size(rows, n_samples)
-            tile = self.tile_size(rows, n_samples)
             moments = _Moments()
             classification = self.config.task == "classification"
             entropy_sum: Tensor | float = 0.0
             kept: list[Tensor] = []
-            for start in range(0, n_samples, chunk):
-                t = min(chunk, n_samples - start)
-                y = self._head(self._stochastic_pass(h0, t, source, tile, stop, map_tiles))
-                moments.add(y)  # y: (t, B, out)
-                if classification:
-                    entropy_sum = entropy_sum + entropy(y).sum(0, dtype=torch.float64)
-                if return_samples:
-                    kept.append(y.cpu())
+            passes = 0
+            for stage in mc_stages(n_samples, target_se):
+                chunk, tile = self.chunk_size(rows, stage), self.tile_size(rows, stage)
+                for start in range(0, stage, chunk):
+                    t = min(chunk, stage - start)
+                    y = self._head(self._stochastic_pass(h0, t, source, tile, stop, map_tiles))
+                    moments.add(y)  # y: (t, B, out)
+                    if classification:
+                        entropy_sum = entropy_sum + entropy(y).sum(0, dtype=torch.float64)
+                    if return_samples:
+                        kept.append(y.cpu())
+                passes += stage
+                if target_se is not None and _worst_se(moments, passes) <= target_se:
+                    break
             mean, variance = moments.mean, moments.variance()
             assert mean is not None
             h_mean = mi = None
             if classification:
                 h_mean = entropy(mean)
-                mi = (h_mean - entropy_sum / n_samples).clamp_(min=0.0).cpu()
+                mi = (h_mean - entropy_sum / passes).clamp_(min=0.0).cpu()
                 h_mean = h_mean.cpu()
             return MCResult(
                 mean=mean.cpu(),
@@ -475,6 +506,7 @@ class MLPEngine:
                 samples=torch.cat(kept) if return_samples else None,
                 entropy=h_mean,
                 mutual_information=mi,
+                n_samples=passes,
             )
 
     @torch.inference_mode()

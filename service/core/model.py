@@ -25,6 +25,8 @@ from pydantic import (
 )
 from torch import nn
 
+from service.core.calibration import Calibration
+
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -134,6 +136,9 @@ class ModelConfig(BaseModel):
     labels: list[str] | None = Field(None, description="Classification only: one per output.")
     weights_file: str = Field("weights.safetensors", pattern=r"^[A-Za-z0-9_.-]+\.safetensors$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    calibration: Calibration | None = Field(
+        None, description="Held-out conformal scores, temperature and OOD reference."
+    )
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 
@@ -163,6 +168,11 @@ class ModelConfig(BaseModel):
                 raise ValueError("classification takes no target_standardization or noise_variance")
             if self.output_activation is not None:
                 raise ValueError("classification takes no output_activation: softmax ends it")
+        cal = self.calibration
+        if cal is not None and cal.ood_reference is not None:
+            want = self.output_dim if self.task == "regression" else 1
+            if len(cal.ood_reference) != want:
+                raise ValueError(f"calibration.ood_reference needs {want} entries")
         return self
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,9 +188,17 @@ def save_model(
     save_file({k: v.contiguous() for k, v in tensors.items()}, weights)
     config = config.model_copy(update={"sha256": sha256_of(weights)})
     check_tensors(config, tensors)
-    (folder / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    write_config(folder, config)
     (folder / "README.md").write_text(card)
     return config
+
+
+def write_config(folder: Path, config: ModelConfig) -> None:
+    """Replace ``config.json`` at once: a server loading the folder meanwhile reads the old
+    file or the new one, never half of one."""
+    staged = folder / f".{CONFIG_FILE}.tmp"
+    staged.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    os.replace(staged, folder / CONFIG_FILE)
 
 
 def describe_failure(exc: Exception) -> str:

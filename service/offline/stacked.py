@@ -115,33 +115,29 @@ def train_stack(
 
 
 @torch.no_grad()
-def mc_log_likelihood_stack(
+def mc_samples_stack(
     stack: Stack,
     x: Tensor,
-    y: Tensor,
     target: tuple[Tensor, Tensor],
-    tau: Tensor,
     n_samples: int,
     generator: torch.Generator,
     *,
     chunk_elements: int = 1 << 22,
 ) -> Tensor:
-    """Gal & Ghahramani's MC log-likelihood (eq. 8) of every model on its data, ``(M,)``.
+    """``n_samples`` dropout passes of every model on its rows, in target units: ``(M, T, N)``
+    float32.
 
-    ``x (M, N, D)`` standardised inputs; ``y (M, N)`` targets in original units; ``target``
-    the ``(M,)`` mean and std that map each model's output back to those units; ``tau (M,)``
-    the precisions. T is walked in chunks so that memory stays bounded.
+    ``x (M, N, D)`` standardised inputs; ``target`` the ``(M,)`` mean and std that map each
+    model's output back to the target's units. T is walked in chunks so that the hidden
+    activations stay bounded.
     """
     m, n, _ = x.shape
-    y_mean, y_std = (v.view(m, 1, 1).double() for v in target)
+    y_mean, y_std = (v.view(m, 1, 1).float() for v in target)
     width = max(w.shape[-1] for w in stack.weights)
     chunk = max(1, min(n_samples, chunk_elements // (m * n * width)))
-    lse = torch.full((m, n), -math.inf, dtype=torch.float64)
+    out = torch.empty(m, n_samples, n)
     for start in range(0, n_samples, chunk):
         t = min(chunk, n_samples - start)
         xt = x.unsqueeze(1).expand(m, t, n, x.shape[-1])  # (M, t, N, D)
-        out = stack.forward(xt, generator)[..., 0].double() * y_std + y_mean  # (M, t, N)
-        a = -0.5 * tau.view(m, 1, 1) * (y.unsqueeze(1) - out).square()
-        lse = torch.logaddexp(lse, torch.logsumexp(a, dim=1))
-    ll = lse - math.log(n_samples) - 0.5 * math.log(2 * math.pi) + 0.5 * tau.log().view(m, 1)
-    return ll.mean(dim=1)
+        out[:, start : start + t] = stack.forward(xt, generator)[..., 0] * y_std + y_mean
+    return out

@@ -24,7 +24,8 @@ from service.offline.evaluation import accuracy, expected_calibration_error, neg
 from service.offline.options import TrainOptions
 from service.offline.training import (
     TrainReport,
-    fit,
+    classification_uncertainty_metrics,
+    fit_classifier,
     fit_regression,
     publish,
     regression_config,
@@ -49,8 +50,16 @@ class Table:
     labels: list[str] | None  # the classes, for classification
 
 
-def read_csv(path: Path, target: str, task: Task, features: list[str] | None = None) -> Table:
-    """The feature columns and the target of ``path``, checked cell by cell."""
+def read_csv(
+    path: Path,
+    target: str,
+    task: Task,
+    features: list[str] | None = None,
+    *,
+    min_classes: int = 2,
+) -> Table:
+    """The feature columns and the target of ``path``, checked cell by cell (at least
+    ``min_classes`` classes for classification: training needs two, held-out rows one)."""
     try:
         with path.open(newline="") as f:
             rows = list(csv.reader(f))
@@ -81,7 +90,7 @@ def read_csv(path: Path, target: str, task: Task, features: list[str] | None = N
         raw_target.append(row[index[target]].strip())
     if task == "classification":
         labels = sorted(set(raw_target))
-        if len(labels) < 2:
+        if len(labels) < min_classes:
             raise DataError(f"{path}: column {target!r} holds one class; classification needs two")
         lookup = {label: i for i, label in enumerate(labels)}
         y = np.array([lookup[v] for v in raw_target], dtype=np.int64)
@@ -168,10 +177,11 @@ def _classifier_config(
 def _fit_classifier(
     config: ModelConfig, x: np.ndarray, y: np.ndarray, opts: TrainOptions
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Inputs standardised with the training rows' statistics; class indices as they are."""
+    """Inputs standardised with the training rows' statistics; class indices as they are;
+    calibrated on a held-out 20% of the rows."""
     sx = standardization(x)
     config = config.model_copy(update={"input_standardization": sx})
-    return config, fit(config, standardise(sx, x), y, opts, "final model")
+    return fit_classifier(config, x, standardise(sx, x), y, opts)
 
 
 def classification_metrics(
@@ -192,7 +202,11 @@ def classification_metrics(
         "test_ece15_mc": expected_calibration_error(mc_probs, y, 15),
         "test_mean_mutual_information": float(mc.mutual_information.numpy().mean()),
     }
-    return {**{k: round(v, 4) for k, v in metrics.items()}, "mc_samples": opts.mc_samples}
+    return {
+        **{k: round(v, 4) for k, v in metrics.items()},
+        **classification_uncertainty_metrics(engine.config, mc, y),
+        "mc_samples": opts.mc_samples,
+    }
 
 
 def csv_card(config: ModelConfig, opts: TrainOptions) -> str:
@@ -201,7 +215,8 @@ def csv_card(config: ModelConfig, opts: TrainOptions) -> str:
     what = (
         f"classification into {config.labels}"
         if config.task == "classification"
-        else "regression, `noise_variance` estimated on a held-out 20% of the training rows"
+        else "regression; `noise_variance` and the calibration from a held-out 20% of the "
+        "training rows"
     )
     return f"""# {config.name} (version {config.version})
 

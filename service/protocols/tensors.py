@@ -24,6 +24,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 DATATYPES: dict[str, tuple[torch.dtype, str]] = {
     "FP32": (torch.float32, "<f4"),
     "FP64": (torch.float64, "<f8"),
+    "BOOL": (torch.bool, "|b1"),  # answers only (flags, prediction sets): one byte each
 }
 _NAMES = {dtype: name for name, (dtype, _) in DATATYPES.items()}
 #: Exact types: JSON true/false arrive as bool, which is not a number.
@@ -118,7 +119,8 @@ def to_bytes(t: torch.Tensor) -> bytes:
     return np.ascontiguousarray(t.numpy(), dtype=layout).tobytes()
 
 
-def to_json(t: torch.Tensor) -> list[float]:
-    """Row-major flat values; ``tolist`` gives each float's exact double, as v1 sends it."""
-    values: list[float] = t.numpy().reshape(-1).tolist()
+def to_json(t: torch.Tensor) -> list[float] | list[bool]:
+    """Row-major flat values; ``tolist`` gives each float's exact double, as v1 sends it
+    (and BOOL's true and false)."""
+    values: list[float] | list[bool] = t.numpy().reshape(-1).tolist()
     return values

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import gc
 import logging
+import math
 import re
 import secrets
 from collections.abc import Callable, Mapping
@@ -47,7 +48,13 @@ from service.serving.batching import EvalBatcher, blocked_predict
 from service.serving.jobs import JobRunner, Ran
 from service.serving.metrics import Metrics
 from service.serving.observe import annotate
-from service.serving.outputs import OUTPUT, mc_outputs
+from service.serving.outputs import (
+    OUTPUT,
+    Method,
+    check_coverage,
+    coverage_method,
+    mc_outputs,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,11 +76,16 @@ Inputs = list[list[float]] | np.ndarray | torch.Tensor
 @dataclass(frozen=True)
 class MCParams:
     """Monte-Carlo dropout: ``n_samples`` passes (None: the default) from ``seed`` (None:
-    drawn, and returned so the answer replays)."""
+    drawn, and returned so the answer replays). ``coverage`` asks for intervals (regression)
+    or prediction sets (classification) that hold that share of targets; ``target_se`` stops
+    sampling once every output's MC standard error is at most it (``n_samples`` passes at
+    most, the maximum when none is named)."""
 
     n_samples: int | None = None
     seed: int | None = None
     return_samples: bool = False
+    coverage: float | None = None
+    target_se: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,13 +101,15 @@ class InferRequest:
 @dataclass(frozen=True)
 class InferAnswer:
     """Named output tensors: ``output`` for eval (float32); ``mean``, ``variance``, ``std``
-    and the task's extras for MC (float64; ``samples`` float32), with the ``n_samples`` and
-    ``seed`` it used."""
+    and the task's extras for MC (float64; ``samples`` float32, flags bool), with the
+    ``n_samples`` and ``seed`` it used, and how it met a ``coverage``."""
 
     model: LoadedModel
     outputs: dict[str, torch.Tensor]
-    n_samples: int | None = None
+    n_samples: int | None = None  # passes used (fewer than asked when target_se was met)
     seed: int | None = None
+    coverage: float | None = None
+    coverage_method: Method | None = None  # how coverage was met (outputs.coverage_method)
 
 
 @dataclass(frozen=True)
@@ -310,17 +324,30 @@ class DataPlane:
         if request.mc is None:
             return InferAnswer(model, {OUTPUT: await self._predict(model, x)})
         mc = request.mc
-        n = self.n_samples(mc.n_samples)
-        annotate(n_samples=n)
+        config = model.config
+        adaptive = mc.target_se is not None
+        if adaptive and mc.n_samples is None:
+            n = self.settings.max_n_samples  # the cap: sampling stops at the target
+        else:
+            n = self.n_samples(mc.n_samples)
+        annotate(n_samples=n)  # the cap with target_se; the passes drawn once answered
+        if mc.target_se is not None and not 0 < mc.target_se < math.inf:
+            raise InvalidInput(["target_se"], f"target_se must be > 0, got {mc.target_se}")
         seed = secrets.randbits(63) if mc.seed is None else mc.seed
         if mc.return_samples:
             self._check_sample_values(n, x, model)
-        async with self._admission.admit(model.config.name):
-            ran = await self._mc(model, x, n, seed, mc.return_samples)
-        self.metrics.child(self.metrics.mc_samples, model.config.name).observe(n)
-        self.metrics.child(self.metrics.compute, model.config.name, "mc").observe(ran.compute_s)
+        if mc.coverage is not None:
+            check_coverage(config, mc.coverage)
+        async with self._admission.admit(config.name):
+            ran = await self._mc(model, x, n, seed, mc.return_samples, mc.target_se)
+        result = ran.result
+        annotate(n_samples=result.n_samples)
+        outputs = mc_outputs(config, result, mc.coverage)
+        check_outputs(model, outputs)
+        self.metrics.observe_mc(config, result.n_samples, ran.compute_s, outputs)
         self._observe(model, "mc", ran)
-        return InferAnswer(model, mc_outputs(model.config, ran.result), n, seed)
+        method = None if mc.coverage is None else coverage_method(config)
+        return InferAnswer(model, outputs, result.n_samples, seed, mc.coverage, method)
 
     async def compare(
         self,
@@ -352,6 +379,7 @@ class DataPlane:
             mc = await self._mc(model, x, n, seed, False)
         train_passes = torch.stack([p.result for p in passes])
         check_outputs(model, {"eval": ev.result, "train_passes": train_passes.transpose(0, 1)})
+        check_outputs(model, mc_outputs(model.config, mc.result))
         return CompareAnswer(
             model=model,
             n_samples=n,
@@ -403,7 +431,10 @@ class DataPlane:
             within = np.isfinite(values)
         if not within.all():
             bad = int(np.flatnonzero(~within.all(1))[0])
-            raise InvalidInput(["inputs", bad], f"row {bad} holds a value beyond float32 range")
+            raise InvalidInput(
+                ["inputs", bad],
+                f"row {bad} holds a value that is not a finite number within float32 range",
+            )
         return torch.from_numpy(values).to(torch.float32, copy=True)
 
     def n_samples(self, requested: int | None) -> int:
@@ -444,21 +475,31 @@ class DataPlane:
         return await self.jobs.run(lambda _: blocked_predict(model.engine, x, block), macs, "eval")
 
     async def _mc(
-        self, model: LoadedModel, x: torch.Tensor, n: int, seed: int, return_samples: bool
+        self,
+        model: LoadedModel,
+        x: torch.Tensor,
+        n: int,
+        seed: int,
+        return_samples: bool,
+        target_se: float | None = None,
     ) -> Ran[MCResult]:
-        """One MC job; its answer is checked for numbers JSON cannot carry."""
+        """One MC job (its answer unchecked: the caller checks what it sends)."""
         engine = model.engine
-        macs = engine.mc_macs(len(x), n)
+        macs = engine.mc_macs(len(x), n)  # an adaptive job is sized by its cap
         tiles = map if self.jobs.inline(macs) else self.jobs.map_tiles
 
         def work(stopped: Callable[[], bool]) -> MCResult:
             return engine.predict_mc(
-                x, n, seed, return_samples=return_samples, stop=stopped, map_tiles=tiles
+                x,
+                n,
+                seed,
+                return_samples=return_samples,
+                stop=stopped,
+                map_tiles=tiles,
+                target_se=target_se,
             )
 
-        ran = await self.jobs.run(work, macs, "mc")
-        check_outputs(model, mc_outputs(model.config, ran.result))
-        return ran
+        return await self.jobs.run(work, macs, "mc")
 
     def _batcher(self, model: LoadedModel) -> EvalBatcher:
         name = model.config.name

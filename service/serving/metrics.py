@@ -14,6 +14,9 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from torch import Tensor
+
+from service.core.model import ModelConfig
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -25,6 +28,12 @@ COMPUTE_BUCKETS = (0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS)
 BATCH_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 MC_SAMPLE_BUCKETS = (2, 10, 30, 100, 300, 1000, 3000, 10_000, 100_000)
+#: Served std, in the target's units, whatever they are: 1, 2, 5 a decade from 1e-3 to 1e4.
+STD_BUCKETS = (*(m * 10.0**e for e in range(-3, 4) for m in (1, 2, 5)), 1e4)
+#: Mutual information in nats (at most ln(classes): 2.3 for ten).
+MI_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: The OOD score is the statistic over its held-out 99th percentile: above 1 is flagged.
+OOD_SCORE_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0)
 
 
 class Metrics:
@@ -33,10 +42,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], object] = {}
-        labels = ("method", "endpoint", "model", "status")
+        # gRPC calls count here too (protocol "grpc": gRPC rides HTTP/2), with the full
+        # method as endpoint and the status code's name as status.
+        labels = ("protocol", "method", "endpoint", "model", "status")
         self.requests = Counter(
             "dropout_http_requests",
-            "HTTP requests answered.",
+            "Requests answered, HTTP and gRPC.",
             labels,
             registry=self.registry,
         )
@@ -97,6 +108,28 @@ class Metrics:
             buckets=MC_SAMPLE_BUCKETS,
             registry=self.registry,
         )
+        # What the models answer, not how fast: a drift in what clients send shows here.
+        self.mc_std = Histogram(
+            "dropout_mc_std",
+            "Regression: the MC std served, per row and output (the model's own units).",
+            ("model",),
+            buckets=STD_BUCKETS,
+            registry=self.registry,
+        )
+        self.mc_mutual_information = Histogram(
+            "dropout_mc_mutual_information",
+            "Classification: the mutual information (nats) served, per row.",
+            ("model",),
+            buckets=MI_BUCKETS,
+            registry=self.registry,
+        )
+        self.ood_score = Histogram(
+            "dropout_ood_score",
+            "Calibrated models: the out-of-distribution score served per row (over 1: flagged).",
+            ("model",),
+            buckets=OOD_SCORE_BUCKETS,
+            registry=self.registry,
+        )
         self.pending = Gauge(
             "dropout_inference_pending_requests",
             "Requests admitted for a model and not yet answered (queued or computing).",
@@ -140,13 +173,36 @@ class Metrics:
         return child  # type: ignore[return-value]
 
     def observe_request(
-        self, method: str, endpoint: str, model: str, status: int, seconds: float
+        self, protocol: str, method: str, endpoint: str, model: str, status: str, seconds: float
     ) -> None:
-        """Count and time one answered request by method, endpoint template, model (a served
-        model's name, else "") and status."""
-        labels = (method, endpoint, model, str(status))
+        """Count and time one answered request by protocol ("http" or "grpc"), method,
+        endpoint template (gRPC: the full method), model (a served model's name, else "")
+        and status (gRPC: the code's name)."""
+        labels = (protocol, method, endpoint, model, status)
         self.child(self.requests, *labels).inc()
         self.child(self.latency, *labels).observe(seconds)
+
+    def observe_mc(
+        self, config: ModelConfig, n_samples: int, compute_s: float, outputs: dict[str, Tensor]
+    ) -> None:
+        """One MC answer: its passes, its compute time, and per row the spread it served
+        (std or mutual information) and its out-of-distribution score."""
+        name = config.name
+        self.child(self.mc_samples, name).observe(n_samples)
+        self.child(self.compute, name, "mc").observe(compute_s)
+        if config.task == "regression":
+            spread = self.child(self.mc_std, name)
+            values = outputs["std"]
+        else:
+            spread = self.child(self.mc_mutual_information, name)
+            values = outputs["mutual_information"]
+        for v in values.reshape(-1).tolist():
+            spread.observe(v)
+        scores = outputs.get("ood_score")
+        if scores is not None:
+            ood = self.child(self.ood_score, name)
+            for v in scores.tolist():
+                ood.observe(v)
 
     def observe_batch(self, model: str, requests: int, rows: int, compute_s: float) -> None:
         self.child(self.batch_requests, model).observe(requests)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sys
+import uuid
 from collections.abc import Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -24,6 +26,17 @@ LOGGER = "dropout.access"
 _record: ContextVar[dict[str, Any] | None] = ContextVar("access_record", default=None)
 
 log = logging.getLogger(LOGGER)
+
+#: Incoming request ids are echoed and logged, so only plain, bounded ones are taken.
+_VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id(given: str | None) -> str:
+    """The caller's request id (``X-Request-ID``, or ``x-request-id`` gRPC metadata) when
+    it looks like an id, else a fresh one."""
+    if given is not None and _VALID_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
 
 
 def annotate(**fields: Any) -> None:

@@ -1,40 +1,137 @@
 """The named output tensors of an answer, shared by every front door.
 
 v1 sends them as JSON lists, v2 as tensors; both take them from here, so the two APIs serve
-the same bits for the same model, inputs, ``n_samples`` and seed.
+the same bits for the same model, inputs, parameters and seed. What the model's calibration
+adds (intervals, prediction sets, out-of-distribution scores) is computed here too, from
+``core.calibration``.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+import numpy as np
 import torch
 
+from service.core.calibration import (
+    conformal_quantile,
+    interval_quantile,
+    max_coverage,
+    ood_scores,
+    prediction_set_mask,
+    scale_probabilities,
+)
 from service.core.engine import MCResult
+from service.core.errors import InvalidInput
 from service.core.model import ModelConfig
 
 #: The eval answer's one output (float32, ``(rows, output_dim)``).
 OUTPUT = "output"
 
+Method = Literal["conformal", "gaussian", "probability"]
 
-def mc_outputs(config: ModelConfig, result: MCResult) -> dict[str, torch.Tensor]:
-    """``mean``, ``variance``, ``std`` and the task's extras, float64 (``samples`` float32)."""
+
+def mc_outputs(
+    config: ModelConfig, result: MCResult, coverage: float | None = None
+) -> dict[str, torch.Tensor]:
+    """``mean``, ``variance``, ``std``, ``mc_standard_error`` and the task's extras, float64
+    (``samples`` float32, flags bool); with ``coverage``, the interval or prediction sets."""
     variance = result.variance
-    outputs = {"mean": result.mean, "variance": variance, "std": variance.sqrt()}
+    std = variance.sqrt()
+    outputs = {"mean": result.mean, "variance": variance, "std": std}
+    outputs["mc_standard_error"] = (variance / max(result.n_samples, 1)).sqrt()
+    predictive = variance
     if config.noise_variance is not None:
-        noise = torch.tensor(config.noise_variance, dtype=torch.float64)
-        outputs["predictive_variance"] = variance + noise
+        predictive = variance + torch.tensor(config.noise_variance, dtype=torch.float64)
+        outputs["predictive_variance"] = predictive
     if result.entropy is not None and result.mutual_information is not None:
         outputs["entropy"] = result.entropy
         outputs["mutual_information"] = result.mutual_information
+    cal = config.calibration
+    probs = result.mean.numpy()
+    if config.task == "classification" and cal is not None and cal.temperature is not None:
+        probs = scale_probabilities(probs, cal.temperature)
+        outputs["calibrated_probabilities"] = torch.from_numpy(probs)
+    if coverage is not None:
+        if config.task == "regression":
+            half = interval_half_width(config, predictive, coverage)
+            outputs["interval_lower"] = result.mean - half
+            outputs["interval_upper"] = result.mean + half
+        else:
+            outputs["prediction_sets"] = torch.from_numpy(prediction_sets(config, probs, coverage))
+    if cal is not None and cal.ood_reference is not None:
+        stat = std if config.task == "regression" else result.mutual_information
+        assert stat is not None
+        score = torch.from_numpy(ood_scores(stat.numpy(), cal.ood_reference))
+        outputs["ood_score"] = score
+        outputs["out_of_distribution"] = score > 1.0
     if result.samples is not None:
         outputs["samples"] = result.samples
     return outputs
 
 
+def coverage_method(config: ModelConfig) -> Method:
+    """How ``coverage`` is met: conformal with a calibration, else the Gaussian interval
+    (regression) or the most probable classes (classification)."""
+    if config.calibration is not None:
+        return "conformal"
+    return "gaussian" if config.task == "regression" else "probability"
+
+
+#: The coverages an interval or prediction set may be asked for.
+COVERAGE_RANGE = (0.5, 0.999)
+
+
+def check_coverage(config: ModelConfig, coverage: float) -> None:
+    """Refuse a coverage outside ``COVERAGE_RANGE`` or beyond what the calibration's
+    held-out rows can bound."""
+    low, high = COVERAGE_RANGE
+    if not low <= coverage <= high:
+        raise InvalidInput(["coverage"], f"coverage must be in [{low}, {high}], got {coverage}")
+    cal = config.calibration
+    if cal is not None and conformal_quantile(cal.scores, coverage) is None:
+        raise _too_few(config, coverage)
+
+
+def interval_half_width(
+    config: ModelConfig, predictive_variance: torch.Tensor, coverage: float
+) -> torch.Tensor:
+    """``q sqrt(predictive_variance)``: q the conformal quantile of the held-out scores, or
+    the normal quantile without a calibration."""
+    q = interval_quantile(config.calibration, coverage)
+    if q is None:
+        raise _too_few(config, coverage)
+    return q * predictive_variance.sqrt()
+
+
+def prediction_sets(config: ModelConfig, probs: np.ndarray, coverage: float) -> np.ndarray:
+    """``(B, C)`` membership of each row's prediction set (``core.calibration``)."""
+    member = prediction_set_mask(probs, coverage, config.calibration)
+    if member is None:
+        raise _too_few(config, coverage)
+    return member
+
+
+def _too_few(config: ModelConfig, coverage: float) -> InvalidInput:
+    assert config.calibration is not None
+    n = len(config.calibration.scores)
+    return InvalidInput(
+        ["coverage"],
+        f"coverage {coverage:g} needs more than the {n} held-out rows model "
+        f"{config.name!r} was calibrated on: ask for at most {max_coverage(n):.4g}",
+    )
+
+
 def mc_output_names(config: ModelConfig) -> list[str]:
-    """The outputs an MC answer of this model holds (``samples`` only when asked for)."""
-    names = ["mean", "variance", "std"]
+    """The outputs an MC answer of this model holds without ``coverage`` (``samples`` only
+    when asked for)."""
+    names = ["mean", "variance", "std", "mc_standard_error"]
     if config.noise_variance is not None:
         names.append("predictive_variance")
     if config.task == "classification":
         names += ["entropy", "mutual_information"]
+        if config.calibration is not None and config.calibration.temperature is not None:
+            names.append("calibrated_probabilities")
+    if config.calibration is not None and config.calibration.ood_reference is not None:
+        names += ["ood_score", "out_of_distribution"]
     return names

@@ -3,7 +3,7 @@ Protocol's (v2), and the FastAPI handlers that use them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +26,7 @@ from service.core.errors import (
     ServiceError,
     VersionNotFound,
 )
+from service.protocols import oip
 
 #: v1's status for each domain error.
 V1_STATUS: dict[type[ServiceError], int] = {
@@ -62,7 +63,7 @@ def v2_error_response(exc: Exception) -> JSONResponse | None:
         status, message = V2_STATUS[type(exc)], str(exc)
         headers = _retry(status)
     elif isinstance(exc, RequestValidationError | ValidationError):
-        status, message = 400, _describe(exc.errors())
+        status, message = 400, oip.describe(exc.errors())
     elif isinstance(exc, HTTPException):
         status, message, headers = exc.status_code, str(exc.detail), exc.headers
     else:
@@ -81,11 +82,6 @@ def _msg(error: dict[str, Any]) -> str:
     """The message, with the parser's reason for JSON that does not parse ("Expecting ',' ...")."""
     reason = error.get("ctx", {}).get("error") if error["type"] == "json_invalid" else None
     return f"{error['msg']}: {reason}" if isinstance(reason, str) else str(error["msg"])
-
-
-def _describe(errors: Sequence[Any]) -> str:
-    """One line per bad field, ``a.0.b: message``, without echoing the offending value."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
 
 
 def is_json_media_type(content_type: str | None) -> bool:

@@ -9,9 +9,7 @@ by route template, model and status, and writes its access line (``serving.obser
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-import uuid
 from collections.abc import Callable
 
 from starlette.requests import ClientDisconnect
@@ -24,16 +22,11 @@ from service.serving.metrics import Metrics
 
 HEADER = b"x-request-id"
 
-#: Incoming ids are echoed and logged, so only plain, bounded ones are taken.
-_VALID_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
-
 
 def request_id(scope: Scope) -> str:
     """The caller's ``X-Request-ID`` when it looks like an id, else a fresh one."""
     value = headers(scope).get(HEADER)
-    if value is not None and _VALID_ID.fullmatch(value):
-        return value.decode("ascii")
-    return uuid.uuid4().hex
+    return observe.request_id(None if value is None else value.decode("latin-1"))
 
 
 #: nginx's status for a client that closed the connection before its answer was sent.
@@ -118,12 +111,13 @@ class Observed:
                 name = scope.get("path_params", {}).get("name")
                 model = name if name and self.known_model(name) else ""
                 self.metrics.observe_request(
-                    scope["method"], endpoint or "unmatched", model, status, seconds
+                    "http", scope["method"], endpoint or "unmatched", model, str(status), seconds
                 )
                 if self.access_log:
                     observe.write_access_line(
                         rid,
                         {
+                            "protocol": "http",
                             "method": scope["method"],
                             "path": scope["path"],
                             "endpoint": endpoint,

@@ -9,13 +9,13 @@ Predictions never need a token, and no token is ever logged.
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, ConfigDict, Field, Strict
 from starlette.exceptions import HTTPException
 
+from service.protocols import oip
 from service.protocols.http.deps import PlaneDep
 from service.protocols.http.schemas_v2 import ErrorV2
 from service.protocols.http.v2 import V2Route
@@ -26,15 +26,11 @@ ModelName = Path(description="A folder of the model repository.", max_length=256
 def require_admin(request: Request) -> None:
     """401 unless the request carries the admin token; 403 when none is configured."""
     token = request.app.state.settings.admin_token
-    if token is None:
-        raise HTTPException(403, "model control is off: set DROPOUT_ADMIN_TOKEN to turn it on")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    expected = token.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-        raise HTTPException(
-            401, "model control needs Authorization: Bearer <token>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )  # fmt: skip
+    refusal = oip.admin_refusal(token, request.headers.get("authorization", ""))
+    if refusal is not None:
+        status, message = refusal
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        raise HTTPException(status, message, headers=headers)
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

@@ -43,10 +43,26 @@ class MCRequest(PredictRequest):
     return_samples: Annotated[bool, Strict()] = Field(
         False, description="Also return every sample, [T][rows][outputs]."
     )
+    coverage: Number | None = Field(
+        None,
+        description="0.5 to 0.999: add an interval (regression) or prediction sets "
+        "(classification) holding this share of targets; conformal when the model is "
+        "calibrated, else Gaussian (regression) or the most probable classes.",
+    )
+    target_se: Number | None = Field(
+        None,
+        description="Stop sampling once every output's MC standard error is at most this "
+        "(n_samples passes at most; without n_samples, the configured maximum).",
+    )
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"inputs": [_EXAMPLE_ROW], "n_samples": 100, "seed": 7}]},
+        json_schema_extra={
+            "examples": [
+                {"inputs": [_EXAMPLE_ROW], "n_samples": 100, "seed": 7},
+                {"inputs": [_EXAMPLE_ROW], "seed": 7, "coverage": 0.95, "target_se": 0.5},
+            ]
+        },
     )
 
 
@@ -62,14 +78,28 @@ class PredictResponse(BaseModel):
     )
 
 
+class Interval(BaseModel):
+    coverage: float
+    method: Literal["conformal", "gaussian"] = Field(
+        description="conformal: from the model's held-out calibration, a finite-sample "
+        "guarantee; gaussian: mean +- z sqrt(predictive_variance), uncalibrated."
+    )
+    lower: Matrix
+    upper: Matrix
+
+
 class MCResponse(BaseModel):
     model: str
     version: str
-    n_samples: int
+    n_samples: int = Field(description="Passes drawn (fewer than asked when target_se was met).")
     seed: int = Field(description="The seed used: send it back to replay this answer bit for bit.")
     mean: Matrix
     variance: Matrix = Field(description="Population variance over the T samples (epistemic).")
     std: Matrix
+    mc_standard_error: Matrix = Field(
+        description="sqrt(variance / n_samples): how far the mean may sit from the T -> "
+        "infinity mean."
+    )
     predictive_variance: Matrix | None = Field(
         None, description="Regression: variance + the model's noise_variance (aleatoric)."
     )
@@ -78,6 +108,28 @@ class MCResponse(BaseModel):
     )
     mutual_information: list[float] | None = Field(
         None, description="Classification: mutual information (BALD) per row."
+    )
+    calibrated_probabilities: Matrix | None = Field(
+        None,
+        description="Classification, calibrated models: mean probabilities after "
+        "temperature scaling.",
+    )
+    interval: Interval | None = Field(None, description="Regression, with coverage.")
+    prediction_sets: list[list[int]] | None = Field(
+        None, description="Classification, with coverage: per row, the class indices of its set."
+    )
+    prediction_set_method: Literal["conformal", "probability"] | None = Field(
+        None,
+        description="conformal: from the held-out calibration; probability: the most "
+        "probable classes until their mean probabilities reach coverage (uncalibrated).",
+    )
+    ood_score: list[float] | None = Field(
+        None,
+        description="Calibrated models: per row, the spread over its held-out 99th "
+        "percentile (the largest over outputs).",
+    )
+    out_of_distribution: list[bool] | None = Field(
+        None, description="Calibrated models: ood_score > 1."
     )
     samples: list[Matrix] | None = Field(None, description="[T][rows][outputs] when asked for.")
 
@@ -92,7 +144,16 @@ class MCResponse(BaseModel):
                     "mean": [[76.9]],
                     "variance": [[9.8]],
                     "std": [[3.13]],
+                    "mc_standard_error": [[0.313]],
                     "predictive_variance": [[33.5]],
+                    "interval": {
+                        "coverage": 0.95,
+                        "method": "conformal",
+                        "lower": [[66.1]],
+                        "upper": [[87.7]],
+                    },
+                    "ood_score": [0.41],
+                    "out_of_distribution": [False],
                 }
             ]
         }
@@ -118,6 +179,16 @@ class ReplayScope(BaseModel):
     eval_block_rows: int = Field(description="Rows of every (zero-padded) eval pass.")
 
 
+class CalibrationSummary(BaseModel):
+    """What ``coverage`` and the out-of-distribution flags of this model rest on."""
+
+    held_out_rows: int
+    fitted_on: str
+    max_coverage: float = Field(description="The largest coverage the held-out rows bound.")
+    temperature: float | None = Field(None, description="Classification: the temperature.")
+    out_of_distribution: bool = Field(description="Whether answers carry ood_score.")
+
+
 class ModelMetadata(BaseModel):
     name: str
     version: str
@@ -136,6 +207,9 @@ class ModelMetadata(BaseModel):
     noise_variance: list[float] | None = None
     sha256: str
     metrics: dict[str, object] = Field(default_factory=dict)
+    calibration: CalibrationSummary | None = Field(
+        None, description="None: intervals are Gaussian, sets the most probable classes."
+    )
     replay: ReplayScope
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, Strict
 
-from service.protocols.http.schemas_v1 import _EXAMPLE_ROW, MAX_SEED
+from service.protocols.http.schemas_v1 import _EXAMPLE_ROW, MAX_SEED, Number
 
 StrictInt = Annotated[int, Strict()]
 StrictBool = Annotated[bool, Strict()]
@@ -29,8 +29,9 @@ class _Request(BaseModel):
 
 
 class InferParameters(_Request):
-    """Request parameters. Naming any of ``n_samples``, ``seed``, ``return_samples`` selects
-    Monte-Carlo dropout (as v1 ``predict/mc``); none of them gives the eval prediction."""
+    """Request parameters. Naming any of ``n_samples``, ``seed``, ``return_samples``,
+    ``coverage``, ``target_se`` selects Monte-Carlo dropout (as v1 ``predict/mc``); none of
+    them gives the eval prediction."""
 
     n_samples: StrictInt | None = Field(
         None, ge=2, description="MC passes T (default and maximum are settings)."
@@ -40,6 +41,14 @@ class InferParameters(_Request):
     )
     return_samples: StrictBool | None = Field(
         None, description="Also return output `samples`, FP32 [T, rows, outputs]."
+    )
+    coverage: Number | None = Field(
+        None,
+        description="0.5 to 0.999: add outputs `interval_lower` and `interval_upper` "
+        "(regression) or `prediction_sets` (classification, BOOL [rows, classes]).",
+    )
+    target_se: Number | None = Field(
+        None, description="Stop sampling once every output's MC standard error is at most this."
     )
     binary_data_output: StrictBool = Field(
         False, description="Send every output as binary data unless the output says otherwise."
@@ -102,7 +111,9 @@ class ResponseOutput(BaseModel):
     parameters: dict[str, JsonValue] | None = Field(
         None, description="`binary_data_size` when the values follow the JSON header."
     )
-    data: list[float] | None = Field(None, description="Row-major flat values (JSON mode).")
+    data: list[float] | list[bool] | None = Field(
+        None, description="Row-major flat values (JSON mode); true and false for BOOL."
+    )
 
 
 class InferenceResponse(BaseModel):
@@ -110,7 +121,10 @@ class InferenceResponse(BaseModel):
     model_version: str
     id: str | None = None
     parameters: dict[str, JsonValue] | None = Field(
-        None, description="MC: the `n_samples` and `seed` used; send the seed back to replay."
+        None,
+        description="MC: the `n_samples` (passes drawn) and `seed` used, send the seed back "
+        "to replay; with coverage, `coverage` and `coverage_method` (conformal, gaussian or "
+        "probability).",
     )
     outputs: list[ResponseOutput]
 

@@ -14,10 +14,12 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Path, Response
 
+from service.core.calibration import Calibration, max_coverage
 from service.core.repository import LoadedModel
 from service.protocols.http.asgi import RawResponse
 from service.protocols.http.deps import PlaneDep
 from service.protocols.http.schemas_v1 import (
+    CalibrationSummary,
     CompareRequest,
     CompareResponse,
     CompareTiming,
@@ -72,7 +74,20 @@ def metadata(plane: DataPlane, model: LoadedModel) -> ModelMetadata:
         noise_variance=config.noise_variance,
         sha256=config.sha256,
         metrics=config.metrics,
+        calibration=_calibration(config.calibration),
         replay=ReplayScope.model_validate(plane.replay_scope(model)),
+    )
+
+
+def _calibration(cal: Calibration | None) -> CalibrationSummary | None:
+    if cal is None:
+        return None
+    return CalibrationSummary(
+        held_out_rows=cal.held_out_rows,
+        fitted_on=cal.fitted_on,
+        max_coverage=max_coverage(len(cal.scores)),
+        temperature=cal.temperature,
+        out_of_distribution=cal.ood_reference is not None,
     )
 
 
@@ -104,7 +119,7 @@ async def answer(plane: DataPlane, name: str, body: PredictRequest) -> dict[str,
     """The answer to a predict (``PredictRequest``) or predict/mc (``MCRequest``) body."""
     mc = None
     if isinstance(body, MCRequest):
-        mc = MCParams(body.n_samples, body.seed, body.return_samples)
+        mc = MCParams(body.n_samples, body.seed, body.return_samples, body.coverage, body.target_se)
     return fields(await plane.infer(InferRequest(name, body.inputs, mc=mc)))
 
 
@@ -114,7 +129,19 @@ def fields(a: InferAnswer) -> dict[str, Any]:
     head: dict[str, Any] = {"model": a.model.config.name, "version": a.model.config.version}
     if a.n_samples is None:
         return {**head, "outputs": a.outputs[OUTPUT].tolist()}
-    summaries = {k: t.tolist() for k, t in a.outputs.items()}
+    summaries: dict[str, Any] = {k: t.tolist() for k, t in a.outputs.items()}
+    lower, upper = summaries.pop("interval_lower", None), summaries.pop("interval_upper", None)
+    if lower is not None:
+        summaries["interval"] = {
+            "coverage": a.coverage,
+            "method": a.coverage_method,
+            "lower": lower,
+            "upper": upper,
+        }
+    sets = summaries.pop("prediction_sets", None)
+    if sets is not None:
+        summaries["prediction_sets"] = [[i for i, m in enumerate(row) if m] for row in sets]
+        summaries["prediction_set_method"] = a.coverage_method
     return {**head, "n_samples": a.n_samples, "seed": a.seed, **summaries}
 
 

@@ -170,9 +170,9 @@ _INFER: dict[str, Any] = {
 @router.post("/models/{name}/infer", **_INFER)
 @router.post("/models/{name}/versions/{version}/infer", **_INFER, **_VERSIONED)
 async def infer(plane: PlaneDep, request: Request, name: str = ModelName) -> Response:
-    """Eval prediction, or MC dropout when parameters name `n_samples`, `seed` or
-    `return_samples`. The body is JSON (any or no Content-Type), or a JSON header of
-    `Inference-Header-Content-Length` bytes followed by binary tensors."""
+    """Eval prediction, or MC dropout when parameters name `n_samples`, `seed`,
+    `return_samples`, `coverage` or `target_se`. The body is JSON (any or no Content-Type),
+    or a JSON header of `Inference-Header-Content-Length` bytes followed by binary tensors."""
     version = request.path_params.get("version")
     body = await request.body()
     return await infer_response(plane, name, version, body, request.headers.get(HEADER_LENGTH))
@@ -187,7 +187,9 @@ async def infer_response(
     request = InferenceRequest.model_validate_json(header)
     x = input_tensor(model.config, request, tail)
     params = request.parameters or _NO_PARAMETERS
-    mc = oip.mc_params(params.n_samples, params.seed, params.return_samples)
+    mc = oip.mc_params(
+        params.n_samples, params.seed, params.return_samples, params.coverage, params.target_se
+    )
     answer = await plane.infer(InferRequest(model.config.name, x, version, mc))
     return encode(answer, request, params)
 
@@ -231,7 +233,7 @@ def encode(answer: InferAnswer, body: InferenceRequest, params: InferParameters)
     if body.id is not None:
         head["id"] = body.id
     if answer.n_samples is not None:
-        head["parameters"] = {"n_samples": answer.n_samples, "seed": answer.seed}
+        head["parameters"] = oip.answer_parameters(answer)
     header = orjson.dumps({**head, "outputs": entries})
     if not chunks:
         return RawResponse(header, b"application/json")
