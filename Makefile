@@ -33,8 +33,26 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-logo
 
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest
+
+# tests/test_playground.py drives Debian's Chromium: installed here when run as root (as CI
+# is), else make stops and says what to install.
+.PHONY: browser screenshots
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    timeout 600 apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+	    || { timeout 300 apt-get update -q >/dev/null && \
+	         timeout 600 apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	  else \
+	    echo "make test needs Chromium and its driver: sudo apt-get install chromium chromium-driver" >&2; \
+	    exit 1; \
+	  fi; }
+
+# The playground's screenshots in docs/ (tests/test_playground.py writes them).
+screenshots: $(VENV)/.installed-dev browser
+	PLAYGROUND_SCREENSHOTS=docs/figures $(BIN)/python -m pytest tests/test_playground.py
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix service tests bench

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import __version__
-from service.protocols.http import health, repository, v1, v2
+from service.protocols.http import health, playground, repository, v1, v2
 from service.protocols.http.errors import install_error_handlers
 from service.protocols.http.hotpath import HotPath
 from service.protocols.http.limits import BodyLimits, JSONGuard
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     app.state.plane = plane = DataPlane(settings, metrics)
 
+    app.include_router(playground.router)
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(v2.router)

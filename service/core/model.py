@@ -134,6 +134,12 @@ class ModelConfig(BaseModel):
         "without it, MC answers carry no predictive_variance.",
     )
     labels: list[str] | None = Field(None, description="Classification only: one per output.")
+    feature_names: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        None, description="One name per input, in order (the playground labels its fields)."
+    )
+    example: list[FiniteFloat] | None = Field(
+        None, description="One input row to start from (the playground prefills it)."
+    )
     weights_file: str = Field("weights.safetensors", pattern=r"^[A-Za-z0-9_.-]+\.safetensors$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     calibration: Calibration | None = Field(
@@ -168,6 +174,10 @@ class ModelConfig(BaseModel):
                 raise ValueError("classification takes no target_standardization or noise_variance")
             if self.output_activation is not None:
                 raise ValueError("classification takes no output_activation: softmax ends it")
+        for field in ("feature_names", "example"):
+            given = getattr(self, field)
+            if given is not None and len(given) != self.input_dim:
+                raise ValueError(f"{field} needs input_dim ({self.input_dim}) entries")
         cal = self.calibration
         if cal is not None and cal.ood_reference is not None:
             want = self.output_dim if self.task == "regression" else 1

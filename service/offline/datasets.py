@@ -39,6 +39,7 @@ class UCIDataset:
     path: Path
     x: np.ndarray  # (N, D)
     y: np.ndarray  # (N, 1)
+    feature_names: list[str] | None = None  # feature_names.txt, one per line, if present
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> UCIDataset:
@@ -54,7 +55,13 @@ class UCIDataset:
         data = np.loadtxt(path / "data.txt", ndmin=2)
         features = np.loadtxt(path / "index_features.txt", dtype=int, ndmin=1)
         target = int(np.loadtxt(path / "index_target.txt", dtype=int))
-        return cls(path.name, path, data[:, features], data[:, [target]])
+        names_file = path / "feature_names.txt"
+        names = names_file.read_text().splitlines() if names_file.is_file() else None
+        if names is not None and len(names) != len(features):
+            raise ValueError(
+                f"{names_file} names {len(names)} features; the data has {len(features)}"
+            )
+        return cls(path.name, path, data[:, features], data[:, [target]], names)
 
     def n_splits(self) -> int:
         return len(list(self.path.glob("index_train_*.txt")))

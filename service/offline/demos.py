@@ -47,6 +47,14 @@ SINE_OUTSIDE = ((-8.0, -6.0), (6.0, 8.0))
 SINE_GAP = (-1.5, 1.5)
 SINE_NOISE_STD = 0.1
 DIGIT_PIXEL_MAX = 16.0
+#: The first image of scikit-learn's digits, a 0: the example row of the digits model.
+DIGIT_EXAMPLE = [
+    0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0,
+    0, 4, 12, 0, 0, 8, 8, 0, 0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0,
+    0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0,
+]  # fmt: skip
+#: Pixel names, row by row of the 8 x 8 image.
+DIGIT_FEATURES = [f"pixel {r},{c}" for r in range(8) for c in range(8)]
 
 
 # -- digits ------------------------------------------------------------------------------
@@ -99,6 +107,8 @@ def train_digits(out: Path, opts: TrainOptions, *, version: str = "1") -> TrainR
         # Raw pixel intensities in, scaled to [0, 1] inside the model.
         input_standardization=Standardization(mean=[0.0] * dim, std=[DIGIT_PIXEL_MAX] * dim),
         labels=[str(d) for d in range(10)],
+        feature_names=DIGIT_FEATURES,
+        example=[float(v) for v in DIGIT_EXAMPLE],
         sha256=_UNSET_SHA,
     )
     config, tensors = fit_classifier(
@@ -290,6 +300,8 @@ def train_sine_gap(out: Path, opts: TrainOptions, *, version: str = "1") -> Trai
     x, y = sine_gap_data(opts.seed)
     n_test = len(x) // 5
     config = regression_config(out.name, version, 1, opts)
+    # x = 0 lies in the gap between the two stretches of data: an example worth asking about.
+    config = config.model_copy(update={"feature_names": ["x"], "example": [0.0]})
     config, tensors = fit_regression(config, x[n_test:], y[n_test:], opts)
     metrics = score_regression(config, tensors, x[:n_test], y[:n_test], opts)
     engine = MLPEngine(config, tensors)

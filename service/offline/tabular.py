@@ -129,14 +129,18 @@ def train_csv(
     n_test = max(1, round(test_fraction * len(order)))
     test, train = order[:n_test], order[n_test:]
     x_train, x_test = table.x[train], table.x[test]
+    # The columns name the inputs; the first held-out row is an example to start from.
+    described = {"feature_names": list(table.features), "example": x_test[0].tolist()}
     if task == "regression":
         config = regression_config(out.name, version, x_train.shape[1], opts)
+        config = config.model_copy(update=described)
         y_train, y_test = table.y[train, None], table.y[test, None]
         config, tensors = fit_regression(config, x_train, y_train, opts)
         metrics = score_regression(config, tensors, x_test, y_test, opts)
     else:
         assert table.labels is not None
         config = _classifier_config(out.name, version, x_train.shape[1], table.labels, opts)
+        config = config.model_copy(update=described)
         config, tensors = _fit_classifier(config, x_train, table.y[train], opts)
         metrics = classification_metrics(MLPEngine(config, tensors), x_test, table.y[test], opts)
     return publish(

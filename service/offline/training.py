@@ -176,6 +176,8 @@ def train_uci_regression(
     data = dataset.split(split)
     name = name or out.name
     config = regression_config(name, version, data.x_train.shape[1], opts)
+    described = {"feature_names": dataset.feature_names, "example": dataset.x[0].tolist()}
+    config = config.model_copy(update=described)
     config, tensors = fit_regression(config, data.x_train, data.y_train, opts)
     metrics = score_regression(config, tensors, data.x_test, data.y_test, opts)
     return publish(

@@ -208,6 +208,7 @@ class Servicer:
         (as Triton); ``NOT_FOUND`` for a name that is neither."""
         try:
             self.plane.model(request.name, request.version or None)
+            observe.annotate(model=request.name)
         except NotReady:
             return pb.ModelReadyResponse(ready=False)
         except ModelNotFound:
@@ -220,6 +221,7 @@ class Servicer:
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
         config = self.plane.model(request.name, request.version or None).config
+        observe.annotate(model=config.name)
 
         def tensors(specs: list[oip.TensorSpec]) -> list[Any]:
             make = pb.ModelMetadataResponse.TensorMetadata

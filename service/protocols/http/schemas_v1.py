@@ -204,6 +204,8 @@ class ModelMetadata(BaseModel):
     input_dropout: float
     dropout_scaling: Literal["inverted", "vanilla"]
     labels: list[str] | None = None
+    feature_names: list[str] | None = Field(None, description="One name per input, if known.")
+    example: list[float] | None = Field(None, description="An input row to start from.")
     noise_variance: list[float] | None = None
     sha256: str
     metrics: dict[str, object] = Field(default_factory=dict)

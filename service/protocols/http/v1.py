@@ -71,6 +71,8 @@ def metadata(plane: DataPlane, model: LoadedModel) -> ModelMetadata:
         input_dropout=config.input_dropout,
         dropout_scaling=config.dropout_scaling,
         labels=config.labels,
+        feature_names=config.feature_names,
+        example=config.example,
         noise_variance=config.noise_variance,
         sha256=config.sha256,
         metrics=config.metrics,
