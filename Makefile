@@ -82,6 +82,13 @@ bench-throughput: $(VENV)/.installed-dev
 	$(BIN)/python bench/throughput.py
 
 
+# Gal & Ghahramani's UCI protocol on the four shipped sets, 20 splits each (about an hour on
+# one core); the tables of docs/uncertainty.md come from its output.
+.PHONY: uci
+uci: $(VENV)/.installed
+	$(BIN)/dropout-service benchmark concrete energy wine-quality-red yacht \
+		--json docs/uncertainty-uci-results.json
+
 # The figures of docs/why-dropout-is-off.md, measured on the shipped model (under a minute).
 $(VENV)/.installed-report: $(VENV)/.installed
 	$(PIP) -e '.[report]'
@@ -106,6 +113,23 @@ check-container: $(VENV)/.installed-deploy
 
 $(VENV)/.installed-bench: $(VENV)/.installed-dev
 	$(PIP) -e '.[dev,bench,peers]'
+	@touch $@
+
+# LitServe, KServe and MLServer, each in its own virtual environment under .peers/ (pinned in
+# bench/peers/requirements.txt, never service dependencies), against the service with wrk
+# (bench/peers.py, about 12 minutes); writes its section of docs/benchmarks.md.
+PEERS := litserve kserve mlserver
+.PHONY: bench-peers
+bench-peers: $(VENV)/.installed-bench $(foreach p,$(PEERS),.peers/$(p)/.installed)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && timeout 300 apt-get install -y -q wrk >/dev/null 2>&1; } \
+		|| { echo "bench-peers needs wrk: apt-get install wrk" >&2; exit 1; }
+	$(BIN)/python bench/peers.py --write
+
+.peers/%/.installed: bench/peers/requirements.txt
+	$(PYTHON) -m venv .peers/$*
+	.peers/$*/bin/python -m pip install -q --disable-pip-version-check \
+		$(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) \
+		torch==2.13.0 numpy safetensors "$$(grep '^$*==' bench/peers/requirements.txt)"
 	@touch $@
 
 # Regenerates docs/benchmarks.md and docs/benchmarks.png (BENCH_ARGS=--quick for short runs).

@@ -5,7 +5,7 @@ One `dropout-service serve` worker (gRPC on) serves the shipped concrete model; 
 T=100 requests of one row come from 1, 8 and 64 closed-loop clients, each with its own
 connection: REST v2 JSON bodies from an asyncio httpx client, gRPC ModelInfer (raw input
 bytes, what tritonclient sends) from grpc.aio channels. No C or Go load generator for gRPC
-is a Debian package, so both sides use an asyncio client in this one process (uvloop), which
+is a Debian package, so both sides use an asyncio client in this one process, which
 shares the machine with the server: read the ratios, not the absolute rates. The access log
 is off (on both doors alike). Cells are
 interleaved over rounds and the median round is shown.
@@ -28,7 +28,6 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
-import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -174,7 +173,7 @@ def run(seconds: float, rounds: int, threads: int) -> list[list[Cell]]:
                             print(c, file=sys.stderr)
                 measured.append(cells)
 
-        uvloop.run(main())
+        asyncio.run(main())
     return measured
 
 

@@ -109,3 +109,48 @@ def test_mc_bits_do_not_depend_on_the_thread_settings(mask_mode: str) -> None:
     finally:
         torch.set_num_threads(before)
     assert all(a == answers[0] for a in answers[1:])
+
+
+def test_small_mc_jobs_leave_the_loop_while_an_eval_request_waits(tmp_path: Path) -> None:
+    """Eval first: an MC job small enough for the event loop computes on the MC threads while
+    an eval request waits for the loop, with the same bits."""
+    import numpy as np
+
+    from service.serving.dataplane import InferRequest, MCParams
+    from tests.helpers import write_test_repository
+
+    write_test_repository(tmp_path)
+    plane = DataPlane(Settings(model_dir=tmp_path))
+
+    async def main() -> tuple[list[set[str]], list[bytes]]:
+        await plane.load("cpu")
+        engine = plane.model("deep").engine
+        names: set[str] = set()
+        original = engine._linear
+
+        def spy(*args: object, **kwargs: object) -> torch.Tensor:
+            names.add(threading.current_thread().name)
+            return original(*args, **kwargs)  # type: ignore[arg-type]
+
+        engine._linear = spy  # type: ignore[method-assign]
+        request = InferRequest("deep", np.ones((2, 4)), mc=MCParams(n_samples=20, seed=1))
+        where, bits = [], []
+        for waiting in (0, 1):
+            plane._evals_waiting += waiting  # as while an eval request waits its turn
+            try:
+                answer = await plane.infer(request)
+            finally:
+                plane._evals_waiting -= waiting
+            where.append(set(names))
+            names.clear()
+            bits.append(answer.outputs["mean"].numpy().tobytes())
+        return where, bits
+
+    try:
+        where, bits = asyncio.run(main())
+    finally:
+        plane.close()
+    assert where[0] == {threading.main_thread().name}  # small: on the loop
+    assert where[1]
+    assert all(n.startswith("inference") for n in where[1]), where[1]
+    assert bits[0] == bits[1]

@@ -190,6 +190,9 @@ class DataPlane:
             settings.max_queue_size, settings.request_timeout_s, self.metrics
         )
         self._batchers: dict[str, EvalBatcher] = {}
+        # Eval requests admitted and not yet answered: while any wait, MC jobs leave the
+        # event loop to the eval path and compute on the MC threads instead.
+        self._evals_waiting = 0
         self._control = asyncio.Lock()  # one load or unload at a time
         self.device = "cpu"
 
@@ -458,11 +461,15 @@ class DataPlane:
 
     async def _predict(self, model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
         async with self._admission.admit(model.config.name):
-            if self.settings.batching:
-                ran = await self._batcher(model).predict(x)
-            else:
-                ran = await self._eval(model, x)
-                self.metrics.observe_batch(model.config.name, 1, len(x), ran.compute_s)
+            self._evals_waiting += 1
+            try:
+                if self.settings.batching:
+                    ran = await self._batcher(model).predict(x)
+                else:
+                    ran = await self._eval(model, x)
+                    self.metrics.observe_batch(model.config.name, 1, len(x), ran.compute_s)
+            finally:
+                self._evals_waiting -= 1
         check_outputs(model, {OUTPUT: ran.result})
         self._observe(model, "eval", ran)
         return ran.result
@@ -486,7 +493,10 @@ class DataPlane:
         """One MC job (its answer unchecked: the caller checks what it sends)."""
         engine = model.engine
         macs = engine.mc_macs(len(x), n)  # an adaptive job is sized by its cap
-        tiles = map if self.jobs.inline(macs) else self.jobs.map_tiles
+        # Eval first: a small MC job computes on the loop only while no eval request waits
+        # for it (where a job runs changes its speed, never its bits).
+        inline = self.jobs.inline(macs) and self._evals_waiting == 0
+        tiles = map if inline else self.jobs.map_tiles
 
         def work(stopped: Callable[[], bool]) -> MCResult:
             return engine.predict_mc(
@@ -499,7 +509,7 @@ class DataPlane:
                 target_se=target_se,
             )
 
-        return await self.jobs.run(work, macs, "mc")
+        return await self.jobs.run(work, macs, "mc", inline=inline)
 
     def _batcher(self, model: LoadedModel) -> EvalBatcher:
         name = model.config.name

@@ -104,10 +104,11 @@ class JobRunner:
         """Whether a job of ``macs`` multiply-adds runs on the event loop."""
         return macs <= self.inline_max_macs
 
-    async def run(self, work: Work[T], macs: int, kind: Kind) -> Ran[T]:
-        """Run ``work``, a job of ``macs`` multiply-adds; where depends on its size alone."""
+    async def run(self, work: Work[T], macs: int, kind: Kind, inline: bool | None = None) -> Ran[T]:
+        """Run ``work``, a job of ``macs`` multiply-adds: on the loop when ``inline`` says so,
+        by default when it is small enough."""
         queued = time.perf_counter()
-        if self.inline(macs):
+        if self.inline(macs) if inline is None else inline:
             result, start, end = _timed(work, _never)
             return Ran(result, queued, start, end)
         stop = threading.Event()

@@ -88,6 +88,11 @@ def uvicorn_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "port": settings.port,
         "log_level": settings.log_level,
         "access_log": False,  # service.serving.observe writes one JSON line per request instead
+        # asyncio's own event loop, not uvloop: with small jobs computing on the loop and 64
+        # clients, uvloop left a few percent of requests waiting about a second before their
+        # handler ran (MC T=100: p99 1.1 s against p50 54 ms), where asyncio's loop serves
+        # them in turn (p99 56 ms) at the same requests/s (bench/loops.py, benchmarks.md).
+        "loop": "asyncio",
         # A partial of a module-level class: workers are spawned, and it must pickle.
         "http": functools.partial(ReadTimeoutProtocol, read_timeout_s=settings.read_timeout_s),
         # uvicorn answers 503 once this many connections are open, counting the new one.
