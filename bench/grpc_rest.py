@@ -208,15 +208,6 @@ def table(cells: list[Cell], seconds: float, rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(page: Path, text: str) -> None:
-    old = page.read_text()
-    head, _, rest = old.partition(START)
-    _, _, tail = rest.partition(END)
-    if not rest:
-        raise SystemExit(f"{page} has no {START} marker")
-    page.write_text(f"{head}{START}\n{text}{END}{tail}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -228,7 +219,7 @@ def main() -> None:
     text = table(cells, args.seconds, args.rounds)
     print(text)
     if args.write:
-        write(ROOT / "docs" / "benchmarks.md", text)
+        serving.replace_section(ROOT / "docs" / "benchmarks.md", START, END, text)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,9 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -54,16 +51,7 @@ def server(loop: str) -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, loop], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server on {loop} did not start")
-            time.sleep(0.1)
+        serving.wait_ready(url + "/readyz", proc, f"the server on {loop}")
         yield url
     finally:
         proc.terminate()
@@ -116,12 +104,7 @@ def main() -> None:
     text = table(run(args.seconds, args.rounds), args.seconds, args.rounds)
     print(text)
     if args.write:
-        page = ROOT / "docs" / "benchmarks.md"
-        doc = page.read_text()
-        head, found, rest = doc.partition(START)
-        if not found:
-            raise SystemExit(f"{page} has no {START} marker")
-        page.write_text(f"{head}{START}\n{text}{END}{rest.partition(END)[2]}")
+        serving.replace_section(ROOT / "docs" / "benchmarks.md", START, END, text)
 
 
 if __name__ == "__main__":

@@ -76,12 +76,7 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        page = ROOT / "docs" / "benchmarks.md"
-        doc = page.read_text()
-        head, found, rest = doc.partition(START)
-        if not found:
-            raise SystemExit(f"{page} has no {START} marker")
-        page.write_text(f"{head}{START}\n{text}\n{END}{rest.partition(END)[2]}")
+        serving.replace_section(ROOT / "docs" / "benchmarks.md", START, END, text)
 
 
 if __name__ == "__main__":

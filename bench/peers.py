@@ -124,16 +124,7 @@ def started(server: str) -> Iterator[str]:
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + probe, timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{server} did not start: see /tmp/peer-{server}.log")
-            time.sleep(0.2)
+        serving.wait_ready(url + probe, proc, f"{server} (see /tmp/peer-{server}.log)", 180)
         yield url
     finally:
         proc.terminate()
@@ -243,15 +234,6 @@ def headline(cells: Cells) -> str:
     )
 
 
-def replace_between(path: Path, start: str, end: str, text: str) -> None:
-    doc = path.read_text()
-    if start not in doc:
-        raise SystemExit(f"{path} has no {start} marker")
-    head, _, rest = doc.partition(start)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{start}\n{text}{end}{tail}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -264,9 +246,9 @@ def main() -> None:
     text = table(cells, args.seconds, args.rounds)
     print(text)
     if args.write:
-        replace_between(ROOT / "docs" / "benchmarks.md", START, END, text)
+        serving.replace_section(ROOT / "docs" / "benchmarks.md", START, END, text)
         sentence = textwrap.fill(headline(cells), 92)
-        replace_between(ROOT / "README.md", HEADLINE_START, HEADLINE_END, sentence + "\n")
+        serving.replace_section(ROOT / "README.md", HEADLINE_START, HEADLINE_END, sentence)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,29 @@ def free_port() -> int:
         return port
 
 
+def wait_ready(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    """Poll ``url`` until it answers 200; fail if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{what} did not become ready")
+        time.sleep(0.1)
+
+
+def replace_section(page: Path, start: str, end: str, text: str) -> None:
+    """Put ``text`` between the ``start`` and ``end`` markers of ``page``."""
+    doc = page.read_text()
+    head, found, rest = doc.partition(start)
+    if not found:
+        raise SystemExit(f"{page} has no {start} marker")
+    page.write_text(f"{head}{start}\n{text.rstrip()}\n{end}{rest.partition(end)[2]}")
+
+
 @contextmanager
 def server(
     bare: bool, threads: int, settings: dict[str, str] | None = None, root: Path = ROOT
@@ -91,16 +114,7 @@ def server(
     proc = subprocess.Popen(cmd, cwd=cwd, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + probe, timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"server {cmd} did not become ready")
-            time.sleep(0.1)
+        wait_ready(url + probe, proc, f"server {cmd}")
         yield url, proc
     finally:
         proc.terminate()
