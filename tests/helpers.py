@@ -272,6 +272,25 @@ def poll_readyz(
         time.sleep(0.02)
 
 
+def every_worker_ready(url: str, timeout: float = 240.0, streak: int = 20) -> None:
+    """With several workers the server answers ready once one is. Fresh connections land on
+    a worker the kernel picks: ``streak`` ready answers in a row make it near certain (each
+    reaching a worker still loading is a coin toss) that all of them are."""
+    deadline = time.monotonic() + timeout
+    ready = 0
+    while ready < streak:
+        with httpx.Client() as fresh:
+            try:
+                ok = fresh.get(f"{url}/readyz").status_code == 200
+            except httpx.TransportError:
+                ok = False
+        ready = ready + 1 if ok else 0
+        if not ok:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{url}: not every worker became ready in {timeout} s")
+            time.sleep(0.05)
+
+
 def is_ready(r: httpx.Response) -> bool:
     return r.status_code == 200
 
@@ -293,6 +312,8 @@ def serve(log: Path, *args: str, **env: str) -> Iterator[tuple[subprocess.Popen[
     url = f"http://127.0.0.1:{port}"
     try:
         poll_readyz(url, is_ready, proc=proc, log=log)
+        if "--workers" in args:
+            every_worker_ready(url)
         yield proc, url
     finally:
         if proc.poll() is None:

@@ -28,7 +28,7 @@ import torch
 
 from service.core.repository import load_model
 from tests.dockerfile import DockerIgnore, Stage, parse
-from tests.helpers import free_port, is_ready, poll_readyz
+from tests.helpers import every_worker_ready, free_port, is_ready, poll_readyz
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -322,6 +322,7 @@ def container(image: Image) -> Iterator[Container]:
         url = f"http://127.0.0.1:{port}"
         box = Container(proc, children(proc.pid)[0], url, port, grpc_port)
         poll_readyz(box.url, is_ready, timeout=240, proc=proc)  # two workers import torch
+        every_worker_ready(box.url)
         yield box
     finally:
         if proc.poll() is None:

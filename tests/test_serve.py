@@ -109,19 +109,14 @@ def test_metrics_of_two_workers_count_every_request_whichever_answers_the_scrape
     log = tmp_path / "log"
     with serve(log, "--workers", "2", "--models", "models", TMPDIR=str(tmp_path)) as (proc, url):
         (folder,) = tmp_path.glob("dropout-service-metrics-*")
-        sent = 0
-        loading_deadline = time.monotonic() + 120
-        # New connections until both workers have answered some (the kernel picks).
-        while len({f.name for f in folder.glob("counter_*.db")}) < 2 and sent < 400:
+        # Fresh connections: the kernel spreads them over the workers, so both answer some
+        # of the 40 (one taking them all has odds of 2^-39).
+        sent = 40
+        for _ in range(sent):
             with httpx.Client() as fresh:
                 r = fresh.post(f"{url}/v1/models/concrete/predict", json=body)
-            if r.status_code == 503:  # the other worker is still loading its models
-                assert time.monotonic() < loading_deadline, r.text
-                time.sleep(0.1)
-                continue
             assert r.is_success, r.text
-            sent += 1
-        assert len(list(folder.glob("counter_*.db"))) == 2, "one worker answered everything"
+        assert len(list(folder.glob("counter_*.db"))) == 2  # one file per worker
         predict = (
             "dropout_http_requests_total",
             (
