@@ -354,6 +354,12 @@ def test_malformed_requests_by_hand_are_invalid_argument(server: LiveServer) -> 
         (lambda r: r.inputs[0].parameters["binary_data_size"].int64_param, "takes no param"),
         (lambda r: r.outputs.add(name="samples"), "set parameter return_samples"),
         (lambda r: r.outputs.add(name="nope"), "output 'nope' is not in this answer"),
+        (
+            lambda r: setattr(
+                r.outputs.add(name="mean").parameters["class_count"], "int64_param", 3
+            ),
+            "output 'mean' takes no parameters: ['class_count']",
+        ),
     ]
     for change, message in cases:
         request = infer_request("tiny", x, seed=1)

@@ -160,9 +160,8 @@ def input_array(config: ModelConfig, request: pb.ModelInferRequest) -> np.ndarra
     return values.reshape(shape)
 
 
-def infer_response(answer: InferAnswer, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-    """The answer, every output picked in ``raw_output_contents`` (little-endian, row-major,
-    BOOL one byte each): the bytes REST v2's binary extension sends."""
+def check_requested_outputs(request: pb.ModelInferRequest) -> None:
+    """Refuse output parameters (tritonclient's ``class_count``): none is served here."""
     for i, out in enumerate(request.outputs):
         if out.parameters:
             shown = sorted(k[:64] for k in out.parameters)
@@ -170,6 +169,11 @@ def infer_response(answer: InferAnswer, request: pb.ModelInferRequest) -> pb.Mod
                 ["outputs", i, "parameters"],
                 f"output {out.name[:64]!r} takes no parameters: {shown}",
             )
+
+
+def infer_response(answer: InferAnswer, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """The answer, every output picked in ``raw_output_contents`` (little-endian, row-major,
+    BOOL one byte each): the bytes REST v2's binary extension sends."""
     config = answer.model.config
     response = pb.ModelInferResponse(
         model_name=config.name, model_version=config.version, id=request.id
@@ -244,6 +248,7 @@ class Servicer:
         model = self.plane.model(request.model_name, version)
         x = input_array(model.config, request)
         p = infer_parameters(request)
+        check_requested_outputs(request)
         mc = oip.mc_params(p.n_samples, p.seed, p.return_samples, p.coverage, p.target_se)
         answer = await self.plane.infer(InferRequest(model.config.name, x, version, mc))
         return infer_response(answer, request)
