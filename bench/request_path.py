@@ -108,7 +108,8 @@ async def started(settings: Settings) -> tuple[ASGI, asyncio.Task[None]]:
 
 
 async def variants() -> tuple[list[Variant], list[asyncio.Task[None]]]:
-    base = {"model_dir": ROOT / "models", "torch_threads": 1}
+    # No gRPC door: these apps share one process, and measure the HTTP path.
+    base = {"model_dir": ROOT / "models", "torch_threads": 1, "grpc_port": 0}
     service, a = await started(Settings(**base))
     threads, b = await started(Settings(**base, inline_max_macs=0))
     unbatched, c = await started(Settings(**base, batching=False))

@@ -100,6 +100,7 @@ def server(
     env = {
         **os.environ,
         "DROPOUT_LOG_LEVEL": "warning",
+        "DROPOUT_GRPC_PORT": "0",  # HTTP measured here; GRPC_PORT in ``settings`` turns it on
         "DROPOUT_TORCH_THREADS": str(threads),
         "PYTHONPATH": str(root),
         **{f"DROPOUT_{k}": v for k, v in (settings or {}).items()},

@@ -43,6 +43,7 @@ def server(model: str, batching: bool) -> Iterator[str]:
         "DROPOUT_BATCHING": str(batching).lower(),
         "DROPOUT_ACCESS_LOG": "false",
         "DROPOUT_LOG_LEVEL": "warning",
+        "DROPOUT_GRPC_PORT": "0",  # HTTP only: nothing to hold a port for
     }
     cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), "--models", "models"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
