@@ -27,7 +27,6 @@ from pathlib import Path
 
 import grpc
 import httpx
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -37,6 +36,7 @@ import serving  # noqa: E402
 
 from service.protocols.grpc import predict_v2_pb2 as pb  # noqa: E402
 from service.protocols.grpc.server import SERVICE  # noqa: E402
+from tests.helpers import grpc_infer_request  # noqa: E402
 
 START = "<!-- grpc: written by bench/grpc_rest.py --write -->"
 END = "<!-- /grpc -->"
@@ -64,12 +64,7 @@ def rest_body(params: dict[str, int]) -> dict[str, object]:
 
 
 def grpc_request(params: dict[str, int]) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=serving.MODEL)
-    request.inputs.add(name="input", datatype="FP32", shape=[1, 8])
-    request.raw_input_contents.append(np.array([serving.ROW], dtype="<f4").tobytes())
-    for key, value in params.items():
-        request.parameters[key].int64_param = value
-    return request
+    return grpc_infer_request(serving.MODEL, [serving.ROW], **params)
 
 
 async def closed_loop(

@@ -37,14 +37,13 @@ from typing import Any
 
 import grpc
 import httpx
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.helpers writes the test models
 
 from service.protocols.grpc import predict_v2_pb2 as pb  # noqa: E402
 from service.protocols.grpc.server import SERVICE  # noqa: E402
-from tests.helpers import write_test_repository  # noqa: E402
+from tests.helpers import grpc_infer_request, write_test_repository  # noqa: E402
 
 Body = dict[str, Any]
 CONCRETE_ROW = [540.0, 0.0, 0.0, 162.0, 2.5, 1040.0, 676.0, 28.0]
@@ -84,13 +83,7 @@ def grpc_infer(rng: random.Random, model: str, inputs: list[list[float]]) -> Bod
 
 
 def grpc_request(body: Body) -> pb.ModelInferRequest:
-    x = np.array(body["inputs"], dtype="<f4")
-    request = pb.ModelInferRequest(model_name=body["model"])
-    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(x.tobytes())
-    for key, value in body["parameters"].items():
-        request.parameters[key].int64_param = value
-    return request
+    return grpc_infer_request(body["model"], body["inputs"], **body["parameters"])
 
 
 #: gRPC status codes as the HTTP statuses REST gives the same errors (else 500).

@@ -29,6 +29,7 @@ from service.core.model import (
     weight_name,
 )
 from service.core.repository import save_model
+from service.protocols.grpc import predict_v2_pb2 as pb
 from service.protocols.http.server import uvicorn_options
 from service.settings import Settings
 
@@ -240,6 +241,25 @@ def write_uci_folder(
     return folder
 
 
+def grpc_infer_request(model: str, x: Any, *, raw: bool = True, **params: int) -> Any:
+    """A gRPC ModelInferRequest with ``x`` as its one FP32 ``input``: little-endian bytes in
+    ``raw_input_contents`` (as tritonclient sends them) or values in ``contents``; each
+    parameter an int64, or a bool for a bool."""
+    x = np.asarray(x, dtype="<f4")
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    if raw:
+        request.raw_input_contents.append(x.tobytes())
+    else:
+        tensor.contents.fp32_contents.extend(x.reshape(-1).tolist())
+    for key, value in params.items():
+        if isinstance(value, bool):
+            request.parameters[key].bool_param = value
+        else:
+            request.parameters[key].int64_param = value
+    return request
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -273,22 +293,18 @@ def poll_readyz(
 
 
 def every_worker_ready(url: str, timeout: float = 240.0, streak: int = 20) -> None:
-    """With several workers the server answers ready once one is. Fresh connections land on
-    a worker the kernel picks: ``streak`` ready answers in a row make it near certain (each
-    reaching a worker still loading is a coin toss) that all of them are."""
-    deadline = time.monotonic() + timeout
+    """With several workers the server answers ready once one is. Each /readyz goes on a
+    fresh connection, which lands on a worker the kernel picks: ``streak`` ready answers in a
+    row make it near certain (each reaching a worker still loading is a coin toss) that all
+    of them are."""
     ready = 0
-    while ready < streak:
-        with httpx.Client() as fresh:
-            try:
-                ok = fresh.get(f"{url}/readyz").status_code == 200
-            except httpx.TransportError:
-                ok = False
-        ready = ready + 1 if ok else 0
-        if not ok:
-            if time.monotonic() > deadline:
-                pytest.fail(f"{url}: not every worker became ready in {timeout} s")
-            time.sleep(0.05)
+
+    def in_a_row(r: httpx.Response) -> bool:
+        nonlocal ready
+        ready = ready + 1 if is_ready(r) else 0
+        return ready >= streak
+
+    poll_readyz(url, in_a_row, timeout=timeout)
 
 
 def is_ready(r: httpx.Response) -> bool:

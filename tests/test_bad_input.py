@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import LiveServer
+from tests.helpers import LiveServer, grpc_infer_request
 
 PREDICT = "/v1/models/tiny/predict"
 MC = "/v1/models/tiny/predict/mc"
@@ -409,18 +409,16 @@ def test_repeated_headers_are_read_alike_by_every_part(
 # -- gRPC: the same guards behind the Open Inference Protocol's gRPC door ----------------
 
 
-def _grpc_infer(model: str = "tiny", shape: tuple[int, ...] = (1, 2), **change: Any) -> bytes:
-    """A serialized ModelInferRequest, good unless ``change`` says otherwise."""
+def _grpc_infer(
+    model: str = "tiny", shape: tuple[int, ...] = (1, 2), raw: bytes | None = None, **params: int
+) -> bytes:
+    """A serialized ModelInferRequest, good unless the arguments say otherwise: ``shape``
+    declared (with as many ones as it holds, or ``raw`` bytes instead)."""
     import numpy as np
 
-    from service.protocols.grpc import predict_v2_pb2 as pb
-
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name="input", datatype="FP32", shape=list(shape))
-    raw = change.pop("raw") if "raw" in change else np.ones(shape, "<f4").tobytes()
-    request.raw_input_contents.append(raw)
-    for key, value in change.items():
-        request.parameters[key].int64_param = value
+    request = grpc_infer_request(model, np.ones((1, 2)), **params)
+    request.inputs[0].shape[:] = list(shape)
+    request.raw_input_contents[0] = np.ones(shape, "<f4").tobytes() if raw is None else raw
     return bytes(request.SerializeToString())
 
 

@@ -31,6 +31,7 @@ from tests.helpers import (
     ROOT,
     LiveServer,
     free_port,
+    grpc_infer_request,
     live_server,
     scrape,
     serve,
@@ -227,26 +228,11 @@ def call(url: str, method: str, request: Any, response_type: Any, **kwargs: Any)
         return stub.with_call(request, **kwargs)
 
 
-def infer_request(model: str, x: np.ndarray, raw: bool = True, **params: Any) -> Any:
-    request = pb.ModelInferRequest(model_name=model)
-    tensor = request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    if raw:
-        request.raw_input_contents.append(x.astype("<f4").tobytes())
-    else:
-        tensor.contents.fp32_contents.extend(x.reshape(-1).tolist())
-    for key, value in params.items():
-        if isinstance(value, bool):
-            request.parameters[key].bool_param = value
-        else:
-            request.parameters[key].int64_param = value
-    return request
-
-
 def test_values_in_contents_compute_as_raw_bytes(server: LiveServer) -> None:
     x = rows("deep", 4, seed=3)
     answers = []
     for raw in (True, False):
-        request = infer_request("deep", x, raw=raw, n_samples=25, seed=9)
+        request = grpc_infer_request("deep", x, raw=raw, n_samples=25, seed=9)
         response, _ = call(server.grpc_url, "ModelInfer", request, pb.ModelInferResponse)
         answers.append(list(response.raw_output_contents))
     assert answers[0] == answers[1]
@@ -254,7 +240,7 @@ def test_values_in_contents_compute_as_raw_bytes(server: LiveServer) -> None:
 
 
 def test_request_id_comes_back_in_trailing_metadata(server: LiveServer) -> None:
-    request = infer_request("tiny", rows("tiny", 1))
+    request = grpc_infer_request("tiny", rows("tiny", 1))
     _, done = call(
         server.grpc_url,
         "ModelInfer",
@@ -362,13 +348,13 @@ def test_malformed_requests_by_hand_are_invalid_argument(server: LiveServer) -> 
         ),
     ]
     for change, message in cases:
-        request = infer_request("tiny", x, seed=1)
+        request = grpc_infer_request("tiny", x, seed=1)
         change(request)
         with pytest.raises(grpc.RpcError) as info:
             call(server.grpc_url, "ModelInfer", request, pb.ModelInferResponse)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, message
         assert message in info.value.details()
-    request = infer_request("tiny", x)
+    request = grpc_infer_request("tiny", x)
     request.ClearField("raw_input_contents")
     request.inputs[0].contents.fp64_contents.extend([1.0, 2.0])
     with pytest.raises(grpc.RpcError) as info:
@@ -392,11 +378,11 @@ def test_a_request_over_the_body_limit_is_resource_exhausted(server: LiveServer)
     limit = server.app.state.settings.max_body_bytes
     x = np.ones((limit // 8 + 1, 2), "f4")  # just over the limit
     with pytest.raises(grpc.RpcError) as info:
-        call(server.grpc_url, "ModelInfer", infer_request("tiny", x), pb.ModelInferResponse)
+        call(server.grpc_url, "ModelInfer", grpc_infer_request("tiny", x), pb.ModelInferResponse)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # and the server carries on
     response, _ = call(
-        server.grpc_url, "ModelInfer", infer_request("tiny", x[:1]), pb.ModelInferResponse
+        server.grpc_url, "ModelInfer", grpc_infer_request("tiny", x[:1]), pb.ModelInferResponse
     )
     assert np.frombuffer(response.raw_output_contents[0], "<f4").shape == (1,)
 
@@ -462,7 +448,7 @@ def test_access_log_has_a_line_per_grpc_call(
 ) -> None:
     from service.serving.observe import flush_access_log
 
-    request = infer_request("deep", rows("deep", 2), n_samples=12, seed=4)
+    request = grpc_infer_request("deep", rows("deep", 2), n_samples=12, seed=4)
     call(
         server.grpc_url,
         "ModelInfer",
@@ -505,7 +491,7 @@ def test_overload_is_unavailable_with_a_retry_hint_and_slow_is_deadline_exceeded
     crowded: LiveServer,
 ) -> None:
     x = inputs_for_wide()
-    request = infer_request("wide", x, n_samples=50_000, seed=1)
+    request = grpc_infer_request("wide", x, n_samples=50_000, seed=1)
     results: list[Any] = []
 
     def heavy() -> None:
@@ -533,12 +519,12 @@ def inputs_for_wide() -> np.ndarray:
 
 
 def test_a_client_deadline_is_deadline_exceeded(crowded: LiveServer) -> None:
-    request = infer_request("wide", inputs_for_wide(), n_samples=50_000, seed=2)
+    request = grpc_infer_request("wide", inputs_for_wide(), n_samples=50_000, seed=2)
     with pytest.raises(grpc.RpcError) as info:
         call(crowded.grpc_url, "ModelInfer", request, pb.ModelInferResponse, timeout=0.05)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The server stops that job: soon the one request it admits at a time is free again.
-    small = infer_request("wide", inputs_for_wide()[:1])
+    small = grpc_infer_request("wide", inputs_for_wide()[:1])
     deadline = time.monotonic() + 10
     codes = []
     while True:
@@ -610,7 +596,7 @@ def test_sigterm_lets_grpc_calls_in_flight_finish(tmp_path: Path, wide_model_dir
         DROPOUT_MAX_N_SAMPLES="100000",
     ) as (proc, http_url):  # fmt: skip
         url = f"127.0.0.1:{port}"
-        request = infer_request("wide", x, n_samples=3000, seed=1)
+        request = grpc_infer_request("wide", x, n_samples=3000, seed=1)
         result: list[Any] = []
         t = threading.Thread(
             target=lambda: result.append(call(url, "ModelInfer", request, pb.ModelInferResponse))

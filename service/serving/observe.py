@@ -17,9 +17,12 @@ import uuid
 from collections.abc import Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from service.serving.metrics import Metrics
 
 LOGGER = "dropout.access"
 
@@ -124,3 +127,36 @@ def write_access_line(request_id: str, fields: dict[str, Any]) -> None:
     # is always this line.
     message = orjson.dumps(line).decode()
     log.handle(log.makeRecord(LOGGER, logging.INFO, __file__, 0, message, (), None))
+
+
+def answered(
+    metrics: Metrics,
+    access_log: bool,
+    request_id: str,
+    fields: dict[str, Any],
+    *,
+    protocol: str,
+    method: str,
+    path: str,
+    endpoint: str | None,
+    model: str,
+    status: int | str,
+    seconds: float,
+) -> None:
+    """What one answered request leaves behind, whichever door it came through: its count
+    and latency (``endpoint`` "unmatched" when no route took it) and, when ``access_log``,
+    its line with the ``fields`` its serving annotated."""
+    metrics.observe_request(protocol, method, endpoint or "unmatched", model, str(status), seconds)
+    if access_log:
+        write_access_line(
+            request_id,
+            {
+                "protocol": protocol,
+                "method": method,
+                "path": path,
+                "endpoint": endpoint,
+                "status": status,
+                "latency_ms": round(seconds * 1000, 3),
+                **fields,
+            },
+        )

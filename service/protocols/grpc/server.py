@@ -365,20 +365,19 @@ def _observed(method: str, handler: Handler, metrics: Metrics, access_log: bool)
                 seconds = time.perf_counter() - start
                 metrics.in_flight.dec()
                 model = fields.get("model") or ""
-                metrics.observe_request("grpc", "POST", endpoint, model, code.name, seconds)
-                if access_log:
-                    observe.write_access_line(
-                        rid,
-                        {
-                            "protocol": "grpc",
-                            "method": "POST",
-                            "path": endpoint,
-                            "endpoint": endpoint,
-                            "status": code.name,
-                            "latency_ms": round(seconds * 1000, 3),
-                            **fields,
-                        },
-                    )
+                observe.answered(
+                    metrics,
+                    access_log,
+                    rid,
+                    fields,
+                    protocol="grpc",
+                    method="POST",
+                    path=endpoint,
+                    endpoint=endpoint,
+                    model=model,
+                    status=code.name,
+                    seconds=seconds,
+                )
 
     return call
 

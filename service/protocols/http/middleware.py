@@ -110,19 +110,16 @@ class Observed:
                 endpoint = getattr(scope.get("route"), "path", None)
                 name = scope.get("path_params", {}).get("name")
                 model = name if name and self.known_model(name) else ""
-                self.metrics.observe_request(
-                    "http", scope["method"], endpoint or "unmatched", model, str(status), seconds
+                observe.answered(
+                    self.metrics,
+                    self.access_log,
+                    rid,
+                    fields,
+                    protocol="http",
+                    method=scope["method"],
+                    path=scope["path"],
+                    endpoint=endpoint,
+                    model=model,
+                    status=status,
+                    seconds=seconds,
                 )
-                if self.access_log:
-                    observe.write_access_line(
-                        rid,
-                        {
-                            "protocol": "http",
-                            "method": scope["method"],
-                            "path": scope["path"],
-                            "endpoint": endpoint,
-                            "status": status,
-                            "latency_ms": round(seconds * 1000, 3),
-                            **fields,
-                        },
-                    )
