@@ -87,6 +87,13 @@ class Settings(BaseSettings):
         description="Rows of every eval forward pass (zero-padded): what makes batching "
         "bit-exact. A multiple of 8, so that no row lands in a ragged GEMM tile.",
     )
+    mc_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Eval first: while eval requests are being served, MC jobs take turns "
+        "and compute at most this share of the time; 1 turns the priority off.",
+    )
     max_queue_size: int = Field(
         256, ge=1, description="Most requests per model in progress at once; more get 503."
     )

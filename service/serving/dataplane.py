@@ -55,6 +55,7 @@ from service.serving.outputs import (
     coverage_method,
     mc_outputs,
 )
+from service.serving.priority import EvalFirst
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -190,9 +191,7 @@ class DataPlane:
             settings.max_queue_size, settings.request_timeout_s, self.metrics
         )
         self._batchers: dict[str, EvalBatcher] = {}
-        # Eval requests admitted and not yet answered: while any wait, MC jobs leave the
-        # event loop to the eval path and compute on the MC threads instead.
-        self._evals_waiting = 0
+        self.priority = EvalFirst(settings.mc_share)
         self._control = asyncio.Lock()  # one load or unload at a time
         self.device = "cpu"
 
@@ -461,7 +460,7 @@ class DataPlane:
 
     async def _predict(self, model: LoadedModel, x: torch.Tensor) -> torch.Tensor:
         async with self._admission.admit(model.config.name):
-            self._evals_waiting += 1
+            self.priority.eval_started()
             try:
                 if self.settings.batching:
                     ran = await self._batcher(model).predict(x)
@@ -469,7 +468,7 @@ class DataPlane:
                     ran = await self._eval(model, x)
                     self.metrics.observe_batch(model.config.name, 1, len(x), ran.compute_s)
             finally:
-                self._evals_waiting -= 1
+                self.priority.eval_ended()
         check_outputs(model, {OUTPUT: ran.result})
         self._observe(model, "eval", ran)
         return ran.result
@@ -493,9 +492,7 @@ class DataPlane:
         """One MC job (its answer unchecked: the caller checks what it sends)."""
         engine = model.engine
         macs = engine.mc_macs(len(x), n)  # an adaptive job is sized by its cap
-        # Eval first: a small MC job computes on the loop only while no eval request waits
-        # for it (where a job runs changes its speed, never its bits).
-        inline = self.jobs.inline(macs) and self._evals_waiting == 0
+        inline = self.jobs.inline(macs)
         tiles = map if inline else self.jobs.map_tiles
 
         def work(stopped: Callable[[], bool]) -> MCResult:
@@ -509,7 +506,10 @@ class DataPlane:
                 target_se=target_se,
             )
 
-        return await self.jobs.run(work, macs, "mc", inline=inline)
+        async with self.priority.mc_turn() as waited:  # eval first
+            if waited is not None:
+                annotate(priority_wait_ms=round(waited * 1000, 3))
+            return await self.jobs.run(work, macs, "mc", inline=inline)
 
     def _batcher(self, model: LoadedModel) -> EvalBatcher:
         name = model.config.name

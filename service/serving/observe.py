@@ -67,7 +67,11 @@ class BatchedStdout(logging.Handler):
         self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush awaits on
 
     def emit(self, record: logging.LogRecord) -> None:
-        self._lines.append(record.getMessage())
+        self.add(record.getMessage())
+
+    def add(self, line: str) -> None:
+        """Gather ``line`` for the next flush."""
+        self._lines.append(line)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop in this thread: nothing would flush later
@@ -123,9 +127,15 @@ def write_access_line(request_id: str, fields: dict[str, Any]) -> None:
         "request_id": request_id,
         **fields,
     }
+    message = orjson.dumps(line).decode()
+    only = log.handlers[0] if len(log.handlers) == 1 and not log.filters else None
+    if type(only) is BatchedStdout and not only.filters and only.level <= logging.INFO:
+        # The line goes to our handler alone, which reads nothing else of a record: building
+        # one (pid, thread, time...) would cost as much again as the line.
+        only.add(message)
+        return
     # makeRecord + handle is log.info without findCaller's walk up the stack: the caller
     # is always this line.
-    message = orjson.dumps(line).decode()
     log.handle(log.makeRecord(LOGGER, logging.INFO, __file__, 0, message, (), None))
 
 
