@@ -551,7 +551,7 @@ NOTES = """
   chunk in one `var_mean`), a cost proportional to the output width only.
 - Request path (the table "Where an eval request's time goes" prices each piece):
   - **Jobs small enough run on the event loop.** A forward job of at most
-    `DROPOUT_INLINE_MAX_MACS` multiply-adds (a 64-row eval block of concrete is 0.7 M, an
+    `DROPOUT_INLINE_MAX_MACS` multiply-adds (a 16-row eval block of concrete is 0.17 M, an
     MC request of T=100 on one row 1 M) runs on the loop: the hand-off to a pool thread and
     back costs more than the job. Larger ones go to a pool (eval jobs and MC jobs each to
     their own), so the loop is never held for more than about 0.2 ms. Every pass computes
@@ -595,17 +595,21 @@ NOTES = """
   most of the time, so the floor ratio is only a target from T = 1000 on.
 - **HTTP eval over the bare app**: the hot path skips FastAPI's machinery (about
   the bare app's whole request, see "service through FastAPI" against "service" in the
-  request-path table), but what is left costs more than FastAPI did: the 64-row padded
-  forward pass alone (row "forward pass") costs about what the bare app's whole request
-  does, since a dozen torch calls of a few microseconds each, not the arithmetic, dominate
-  it (a one-row pass is not much cheaper); the padding is what makes batched answers
-  bit-identical to solo ones (issue 5). On top come the request's bookkeeping, priced by
-  the other rows: the access line, the batcher's hand-over between tasks (which at one
-  client buys nothing: the batching table shows it costing throughput there and nearly
-  doubling it at 64 clients), admission with its deadline, the metrics, the input checks
-  and the tensor conversion. Meeting 0.9x at one client would take the forward pass and
-  all of that together under a tenth of the bare app's request; under load the batcher
-  shares one pass among many requests and the ratio rises (the c = 64 row).
+  request-path table), but what is left costs more than FastAPI did. The padded forward
+  pass (row "forward pass") is the largest piece: a dozen torch calls of a few
+  microseconds each, plus the arithmetic of the padding rows. Its block shrank from 64
+  to 16 rows, the smallest that keeps every row's bits at every position under MKL's
+  AVX-512 and AVX2 kernels here (8 and, under AVX2, 32 do not; measured with
+  `MKL_ENABLE_INSTRUCTIONS`), now checked per model at load (`batching.choose_block`):
+  one client 1627 to 1879 requests a second, 64 clients 4181 to 4412, side by side. On
+  top come the request's bookkeeping, priced by the other rows: the access line, the
+  batcher's hand-over between tasks, admission with its deadline, the metrics, the input
+  checks and the tensor conversion. At one client the server's event loop is busy the
+  whole time: measured from /proc, one request costs the server about 540 us of CPU
+  against 180 us for the bare app, about twice what the same code costs called in
+  process (the load generator shares the machine's two cores). Meeting 0.6x at one
+  client would take a third off all of that together; under load the batcher shares one
+  pass among many requests and the ratio rises (the c = 64 row).
 - **MC over the bare app**: MC requests add the engine time itself (three masks and two
   products over T rows), which at T = 1000 is most of the request.
 - **One core per pass**: the engine tables give torch all cores (`--threads`), and the

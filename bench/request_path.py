@@ -131,7 +131,7 @@ async def variants() -> tuple[list[Variant], list[asyncio.Task[None]]]:
                 post(raw_app, "/predict")),
         Variant("bare FastAPI", "bench/bare_app.py: FastAPI's routing, body parsing, response",
                 post(bare_app, "/predict")),
-        Variant("forward pass", "the 64-row padded eval block alone (blocked_predict)",
+        Variant("forward pass", f"the {block_rows}-row padded eval block alone (blocked_predict)",
                 forward_pass),
         Variant("service", "default settings (hot path, inline compute, batching)",
                 post(service)),

@@ -1,12 +1,16 @@
 """Dynamic batching: coalesced eval answers are bit-identical to solo answers.
 
 The fixed-block forward pass is checked directly (every batch size 1..64, every position,
-other rows random) and through the HTTP service, batching on against batching off.
+other rows random) on the block the service chooses on this machine (``choose_block``), and
+through the HTTP service, batching on against batching off. The choice itself is checked
+with engines whose passes move a row's bits with its position, as some BLAS kernels do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +22,13 @@ import torch
 
 from service.core.engine import MLPEngine
 from service.core.repository import load_model
-from service.serving.batching import EvalBatcher, blocked_predict
+from service.serving.batching import (
+    FALLBACK_BLOCK_ROWS,
+    EvalBatcher,
+    blocked_predict,
+    choose_block,
+    row_invariant,
+)
 from service.serving.jobs import JobRunner
 from service.serving.metrics import Metrics
 from service.settings import Settings
@@ -57,16 +67,60 @@ def torch_threads(request: pytest.FixtureRequest) -> Iterator[int]:
 @pytest.mark.parametrize("name", list(engines()))
 def test_every_row_is_the_same_at_any_batch_size_and_position(name: str) -> None:
     engine = engines()[name]
+    block = choose_block(engine, BLOCK)  # as the service does; BLOCK itself where it can
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, engine.config.input_dim, generator=g) * 2
-    solo = torch.cat([blocked_predict(engine, x[i : i + 1], BLOCK) for i in range(64)])
+    solo = torch.cat([blocked_predict(engine, x[i : i + 1], block) for i in range(64)])
     for n in range(1, 65):
         chosen = torch.randperm(64, generator=g)[:n]
         # Random rows before the chosen ones move them across positions and block borders.
-        before = torch.randn(int(torch.randint(0, 2 * BLOCK, (1,), generator=g)), x.shape[1])
+        before = torch.randn(int(torch.randint(0, 2 * block, (1,), generator=g)), x.shape[1])
         batch = torch.cat([before, x[chosen]])
-        out = blocked_predict(engine, batch, BLOCK)[len(before) :]
+        out = blocked_predict(engine, batch, block)[len(before) :]
         assert torch.equal(out, solo[chosen]), f"batch of {n}: a row changed"
+
+
+class Positional(MLPEngine):
+    """An engine whose pass is exact elementwise arithmetic, except that passes of ``rows``
+    rows (any but one, when None) move the odd positions' outputs by one ulp:
+    position-dependent kernels, made on purpose, on any machine."""
+
+    def __init__(self, rows: int | None = None) -> None:
+        config = deep_regression_config()
+        super().__init__(config, random_tensors(config, 1))
+        self.rows = rows
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        out = x[:, :1] * 2.0
+        if len(x) > 1 and self.rows in (None, len(x)):
+            out[1::2] = torch.nextafter(out[1::2], torch.full_like(out[1::2], math.inf))
+        return out
+
+
+def test_choose_block_falls_back_where_a_position_moves_bits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert row_invariant(Positional(64), 16)
+    assert not row_invariant(Positional(16), 16)
+    with caplog.at_level(logging.WARNING, logger="service.serving.batching"):
+        assert choose_block(Positional(64), 16) == 16  # nothing to fall back from
+        assert not caplog.records
+        assert choose_block(Positional(16), 16) == FALLBACK_BLOCK_ROWS
+        assert choose_block(Positional(), 16) == 1  # no block keeps the bits
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2
+    assert "uses blocks of 64 rows" in said[0]
+    assert "every row computes in its own pass" in said[1]
+
+
+def test_row_by_row_keeps_every_answer_where_no_block_does() -> None:
+    """With one row per pass, a position-dependent engine still answers each row alike
+    alone or batched; with a block, it would not."""
+    engine = Positional()
+    x = torch.randn(5, 4)
+    solo = torch.cat([blocked_predict(engine, x[i : i + 1], 1) for i in range(5)])
+    assert torch.equal(blocked_predict(engine, x, 1), solo)
+    assert not torch.equal(blocked_predict(engine, x, 16), solo)
 
 
 def test_a_single_row_is_a_full_padded_pass() -> None:
@@ -82,17 +136,18 @@ def test_batcher_coalesces_and_answers_each_request_as_alone() -> None:
     metrics = Metrics()
     rng = random.Random(1)
     requests = [torch.randn(rng.randint(1, 9), 4) for _ in range(40)]
-    solo = [blocked_predict(engine, x, BLOCK) for x in requests]
+    block = choose_block(engine, BLOCK)
+    solo = [blocked_predict(engine, x, block) for x in requests]
 
     async def burst() -> list[torch.Tensor]:
         jobs = JobRunner(inline_max_macs=0, inference_threads=1, tile_threads=1)
 
         async def run(work: Any, macs: int) -> Any:
-            assert macs == engine.eval_macs(BLOCK)  # every batch here fits one block
+            assert macs % engine.eval_macs(block) == 0  # whole padded blocks
             return await jobs.run(work, macs, "eval")
 
         batcher = EvalBatcher(
-            "deep", engine, run, metrics, max_rows=64, max_delay_s=0.01, block_rows=BLOCK
+            "deep", engine, run, metrics, max_rows=64, max_delay_s=0.01, block_rows=block
         )
         answers = await asyncio.gather(*(batcher.predict(x) for x in requests))
         batcher.close()
@@ -170,3 +225,41 @@ def test_answers_are_the_same_computed_on_the_event_loop_or_the_inference_thread
                 )
             )
     assert answers[0] == answers[1]
+
+
+def test_the_data_plane_serves_the_block_it_checked(tmp_path: Path) -> None:
+    """A model whose kernels move bits in every block is served row by row: its replay
+    scope says so, and its batched answers equal its solo ones."""
+    import numpy as np
+
+    from service.core.repository import LoadedModel
+    from service.serving.dataplane import DataPlane, InferRequest
+    from tests.helpers import write_test_repository
+
+    write_test_repository(tmp_path)
+    plane = DataPlane(Settings(model_dir=tmp_path))
+    rows = np.random.default_rng(0).normal(size=(6, 4))
+
+    async def main() -> tuple[int, list[np.ndarray], list[np.ndarray]]:
+        await plane.load("cpu")
+        assert plane.repository is not None
+        served = plane.model("deep")
+        odd = LoadedModel(served.config, Positional(), served.path)
+        plane.repository.models["deep"] = odd
+        ask = [plane.infer(InferRequest("deep", rows[i : i + 1])) for i in range(6)]
+        together = await asyncio.gather(*ask)  # batched: one turn of the loop
+        alone = [await plane.infer(InferRequest("deep", rows[i : i + 1])) for i in range(6)]
+        scope = plane.replay_scope(odd)["eval_block_rows"]
+        assert isinstance(scope, int)
+        return (
+            scope,
+            [a.outputs["output"].numpy() for a in together],
+            [a.outputs["output"].numpy() for a in alone],
+        )
+
+    try:
+        block, together, alone = asyncio.run(main())
+    finally:
+        plane.close()
+    assert block == 1
+    assert [t.tobytes() for t in together] == [a.tobytes() for a in alone]

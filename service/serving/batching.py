@@ -1,13 +1,18 @@
 """Dynamic batching of eval requests, with answers that never depend on the batch.
 
 On the CPU a GEMM computes a row with different instructions depending on where the row
-falls among the kernel's row tiles: measured with torch 2.13 here, in a pass whose row
-count is not a multiple of 4 the last rows can differ in the last bit from the same rows
-inside a 64-row pass (which rows, depends on the widths). So every eval forward pass goes
-through ``blocked_predict``, which always hands the engine the same shape (``block_rows``
-rows, zero-padded). A row then meets the same instructions alone or among 63 others, and
-batching changes throughput, never an answer. MC requests are not batched: each owns its
-generator, and stacking them would change the order in which masks are drawn.
+falls among the kernel's row tiles, and on the pass's row count: measured with torch 2.13
+here, in a pass whose row count is not a multiple of 4 the last rows can differ in the last
+bit from the same rows inside a 64-row pass (which rows, depends on the widths). So every
+eval forward pass goes through ``blocked_predict``, which always hands the engine the same
+shape (``block_rows`` rows, zero-padded). Whether a row then meets the same instructions at
+every position of the block depends on the machine's BLAS: with MKL's AVX-512 and AVX2
+kernels 16- and 64-row blocks do, 8 or 32 rows do not always, and MKL's AVX and SSE
+kernels give no block size that does. ``choose_block`` checks it for each model on the
+machine that serves it, and falls back to larger blocks, then to one row per pass, which
+is the same pass for every row by construction. Batching then changes throughput, never an
+answer. MC requests are not batched: each owns its generator, and stacking them would
+change the order in which masks are drawn.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -27,6 +33,11 @@ from torch import Tensor
 from service.core.engine import MLPEngine
 from service.serving.jobs import Ran, Work
 from service.serving.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+#: The block ``choose_block`` tries when the preferred one moves a row's bits.
+FALLBACK_BLOCK_ROWS = 64
 
 #: Runs an eval job of so many multiply-adds (``JobRunner.run`` with kind "eval").
 Runner = Callable[[Work[Tensor], int], Awaitable[Ran[Tensor]]]
@@ -42,6 +53,39 @@ def blocked_predict(engine: MLPEngine, x: Tensor, block_rows: int) -> Tensor:
         block = F.pad(part, (0, 0, 0, block_rows - n))  # always a fresh, aligned buffer
         outputs.append(engine.predict(block)[:n])
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def row_invariant(engine: MLPEngine, block_rows: int, trials: int = 3) -> bool:
+    """Whether, on this machine, every row of a ``block_rows``-row eval pass comes out with
+    the bits it has alone (at the first position, the rest zeros), among random rows."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(trials):
+        x = torch.randn(block_rows, engine.config.input_dim, generator=g) * 2
+        together = blocked_predict(engine, x, block_rows)
+        alone = [blocked_predict(engine, x[i : i + 1], block_rows) for i in range(block_rows)]
+        if together.numpy().tobytes() != torch.cat(alone).numpy().tobytes():  # NaN == NaN too
+            return False
+    return True
+
+
+def choose_block(engine: MLPEngine, preferred: int) -> int:
+    """The rows of every eval pass of ``engine`` here: ``preferred`` when ``row_invariant``,
+    else ``FALLBACK_BLOCK_ROWS`` when that is, else 1 (every row its own pass)."""
+    for rows in dict.fromkeys((preferred, FALLBACK_BLOCK_ROWS)):
+        if row_invariant(engine, rows):
+            if rows != preferred:
+                log.warning(
+                    "model %r: eval passes of %d rows move some rows' last bits on this "
+                    "machine (%s); it uses blocks of %d rows",
+                    engine.config.name, preferred, torch.backends.cpu.get_cpu_capability(), rows,
+                )  # fmt: skip
+            return rows
+    log.warning(
+        "model %r: no eval block size keeps every row's bits on this machine (%s): every row "
+        "computes in its own pass, and batching saves nothing for this model",
+        engine.config.name, torch.backends.cpu.get_cpu_capability(),
+    )  # fmt: skip
+    return 1
 
 
 @dataclass

@@ -44,7 +44,7 @@ from service.core.repository import (
     load_model,
 )
 from service.serving.admission import Admission
-from service.serving.batching import EvalBatcher, blocked_predict
+from service.serving.batching import EvalBatcher, blocked_predict, choose_block
 from service.serving.jobs import JobRunner, Ran
 from service.serving.metrics import Metrics
 from service.serving.observe import annotate
@@ -191,6 +191,9 @@ class DataPlane:
             settings.max_queue_size, settings.request_timeout_s, self.metrics
         )
         self._batchers: dict[str, EvalBatcher] = {}
+        # Each model's eval block on this machine (batching.choose_block), with the engine
+        # it was checked for: a reloaded version is checked again.
+        self._blocks: dict[str, tuple[object, int]] = {}
         self.priority = EvalFirst(settings.mc_share)
         self._control = asyncio.Lock()  # one load or unload at a time
         self.device = "cpu"
@@ -203,6 +206,8 @@ class DataPlane:
         s = self.settings
         try:
             repo = await asyncio.to_thread(ModelRepository.load, s.model_dir, device, s.mc_mask)
+            for model in repo:  # checked here, off the loop, not on a first request
+                await asyncio.to_thread(self.block_rows, model)
         except Exception as exc:  # an unreadable repository: say so in readiness, never hang
             log.error("could not read the model repository %s", s.model_dir, exc_info=exc)
             reason = (
@@ -227,6 +232,7 @@ class DataPlane:
             args = (folder, self.device, self.settings.mc_mask)
             try:
                 model = await asyncio.to_thread(load_model, *args)
+                await asyncio.to_thread(self.block_rows, model)
             except ModelLoadError as exc:
                 raise ModelLoadFailed(name, str(exc)) from None
             except Exception as exc:
@@ -315,7 +321,20 @@ class DataPlane:
 
     def replay_scope(self, model: LoadedModel) -> dict[str, str | int]:
         """What an answer's bits depend on beyond the request (DESIGN.md contract 6)."""
-        return {**model.engine.replay_scope(), "eval_block_rows": self.settings.eval_block_rows}
+        return {**model.engine.replay_scope(), "eval_block_rows": self.block_rows(model)}
+
+    def block_rows(self, model: LoadedModel) -> int:
+        """Rows of every eval pass of ``model``: ``DROPOUT_EVAL_BLOCK_ROWS`` where that keeps
+        every row's bits at every position on this machine (``batching.choose_block``, a few
+        passes, checked once per loaded version), else a fallback."""
+        name = model.config.name
+        checked = self._blocks.get(name)
+        if checked is None or checked[0] is not model.engine:
+            checked = self._blocks[name] = (
+                model.engine,
+                choose_block(model.engine, self.settings.eval_block_rows),
+            )
+        return checked[1]
 
     # -- requests -------------------------------------------------------------------------
 
@@ -475,7 +494,7 @@ class DataPlane:
 
     async def _eval(self, model: LoadedModel, x: torch.Tensor) -> Ran[torch.Tensor]:
         """One eval job over zero-padded blocks, as a batch of one."""
-        block = self.settings.eval_block_rows
+        block = self.block_rows(model)
         padded = -(-len(x) // block) * block
         macs = model.engine.eval_macs(padded)
         return await self.jobs.run(lambda _: blocked_predict(model.engine, x, block), macs, "eval")
@@ -523,7 +542,7 @@ class DataPlane:
                 self.metrics,
                 max_rows=s.max_batch_size,
                 max_delay_s=s.max_delay_ms / 1000,
-                block_rows=s.eval_block_rows,
+                block_rows=self.block_rows(model),
             )
         return batcher
 
