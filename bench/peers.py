@@ -208,7 +208,37 @@ def table(
                 for n in names
             )
             lines.append(f"| {kind} | {clients} | {row} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + textwrap.fill(standing(cells), 92) + "\n"
+
+
+#: The issue's targets: ours at least this many times the best peer in every cell, and at
+#: 64 clients a p99 at most this many times the p50 on every endpoint of ours.
+TARGET_RATIO, TAIL_RATIO = 1.5, 3.0
+
+
+def standing(cells: Cells) -> str:
+    """Where this run's table stands against the targets, cell by cell."""
+    names = [t.name for t in TARGETS]
+    met, missed, tails = [], [], []
+    for kind in KINDS:
+        for clients in CLIENTS:
+            loads = {n: median(cells[(kind, n, clients)]) for n in names}
+            ours = max(loads[n].rps for n in names if n.startswith("ours"))
+            ratio = ours / max(loads[n].rps for n in names if not n.startswith("ours"))
+            (met if ratio >= TARGET_RATIO else missed).append(f"{kind} at {clients}: {ratio:.2f}x")
+            if clients == max(CLIENTS):
+                tails += [loads[n].p99_ms / loads[n].p50_ms for n in names if n.startswith("ours")]
+    cells_said = f"met in {len(met)} of {len(met) + len(missed)}" + (
+        f" ({'; '.join(met)})" if met else ""
+    )
+    if missed:
+        cells_said += f", not met in {len(missed)} ({'; '.join(missed)})"
+    tail_verdict = "met" if max(tails) <= TAIL_RATIO else "**not met**"
+    return (
+        f"Where the targets stand (this run): at least {TARGET_RATIO:g}x the best peer in "
+        f"every cell is {cells_said}. p99 at most {TAIL_RATIO:g}x p50 at {max(CLIENTS)} "
+        f"clients on every endpoint of ours: {tail_verdict} (at most {max(tails):.1f}x)."
+    )
 
 
 HEADLINE_START = "<!-- peers-headline: written by bench/peers.py --write -->"

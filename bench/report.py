@@ -285,14 +285,13 @@ its answers replay, and still leads in every cell. The p99 of MLServer (computin
 event loop, parallel workers off) and of KServe v1 at T = 1000 reach seconds at 64 clients,
 as the service's did on uvloop (below).
 
-Where the targets stand (this run): at least 1.5x the best peer in every cell is met in 4
-of 9 (eval at 8 and 64 clients, 2.01x and 2.63x; MC T = 1000 at 8 and 64, 1.52x and 1.62x)
-and not in 5: one client (eval 1.17x, MC T = 100 1.30x, T = 1000 1.23x), where a request is
-one parse, one pass and one answer on every server, and MC T = 100 at 8 and 64 clients
-(1.39x), which one core's event loop bounds: each request's parsing, passes and answer run
-on it (MC T = 100 at one client takes 0.9 ms end to end), and the second core is used only
-by larger jobs' threads. p99 at most 3x p50 at 64 clients: met on every endpoint (eval 1.6x, MC
-T = 100 1.3x, T = 1000 2.0x on v1 and 1.4x on v2).
+What bounds the cells under 1.5x: at one client a request is one parse, one pass and one
+answer on every server, and the service's loop is busy the whole time with its parsing,
+checks, metrics and access line (see "HTTP eval over the bare app" below); MC T = 100 at 8
+and 64 clients is bound by the same one core's event loop, where each request's parsing,
+passes and answer run (an MC job small enough to compute on the loop costs less there than
+the hand-over to a thread: on the MC threads it lost 40% of the requests a second, the GIL
+passing between the loop and the thread at every torch call).
 """
 
 

@@ -263,3 +263,31 @@ def test_the_data_plane_serves_the_block_it_checked(tmp_path: Path) -> None:
         plane.close()
     assert block == 1
     assert [t.tobytes() for t in together] == [a.tobytes() for a in alone]
+
+
+def test_a_model_that_cannot_compute_a_pass_is_refused_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block check at load computes passes: a model failing there is refused with its
+    reason, and the repository's other models serve."""
+    import service.serving.dataplane as dataplane
+    from tests.helpers import write_test_repository
+
+    write_test_repository(tmp_path)
+    real = dataplane.choose_block
+
+    def failing(engine: MLPEngine, preferred: int) -> int:
+        if engine.config.name == "deep":
+            raise RuntimeError("no pass today")
+        return real(engine, preferred)
+
+    monkeypatch.setattr(dataplane, "choose_block", failing)
+    plane = dataplane.DataPlane(Settings(model_dir=tmp_path))
+    try:
+        asyncio.run(plane.load("cpu"))
+        ready = plane.readiness()
+    finally:
+        plane.close()
+    assert "no pass today" in ready.failed["deep"]
+    assert "deep" not in ready.models
+    assert ready.models  # the others

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from service.core.engine import MCResult, train_pass_seeds
+from service.core.engine import MCResult, MLPEngine, train_pass_seeds
 from service.core.errors import (
     ControlRefused,
     InvalidInput,
@@ -193,7 +193,7 @@ class DataPlane:
         self._batchers: dict[str, EvalBatcher] = {}
         # Each model's eval block on this machine (batching.choose_block), with the engine
         # it was checked for: a reloaded version is checked again.
-        self._blocks: dict[str, tuple[object, int]] = {}
+        self._blocks: dict[str, tuple[MLPEngine, int]] = {}
         self.priority = EvalFirst(settings.mc_share)
         self._control = asyncio.Lock()  # one load or unload at a time
         self.device = "cpu"
@@ -206,15 +206,20 @@ class DataPlane:
         s = self.settings
         try:
             repo = await asyncio.to_thread(ModelRepository.load, s.model_dir, device, s.mc_mask)
-            for model in repo:  # checked here, off the loop, not on a first request
-                await asyncio.to_thread(self.block_rows, model)
         except Exception as exc:  # an unreadable repository: say so in readiness, never hang
             log.error("could not read the model repository %s", s.model_dir, exc_info=exc)
             reason = (
                 exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             )
             repo = ModelRepository(failures={"(repository)": f"could not be read: {reason}"})
-        for model in repo:
+        for model in list(repo):
+            try:  # checked here, off the loop, rather than on the model's first request
+                await asyncio.to_thread(self.block_rows, model)
+            except Exception as exc:  # a model that cannot compute a pass does not serve
+                log.error("model %r cannot compute an eval pass", model.config.name, exc_info=exc)
+                del repo.models[model.config.name]
+                repo.failures[model.config.name] = describe_failure(exc)
+                continue
             c = model.config
             self.metrics.model_info.labels(c.name, c.version, c.sha256, c.task).set(1)
         self.repository = repo
