@@ -604,8 +604,10 @@ NOTES = """
   `MKL_ENABLE_INSTRUCTIONS`), now checked per model at load (`batching.choose_block`):
   one client 1627 to 1879 requests a second, 64 clients 4181 to 4412, side by side. On
   top come the request's bookkeeping, priced by the other rows: the access line, the
-  batcher's hand-over between tasks, admission with its deadline, the metrics, the input
-  checks and the tensor conversion. At one client the server's event loop is busy the
+  batcher's hand-over between tasks (skipped since by a request alone on the loop: one
+  client 1804 to 2049 requests a second, `bench/ab.py --base 26389f0`), admission with
+  its deadline, the metrics, the input checks and the tensor conversion. At one client
+  the server's event loop is busy the
   whole time: measured from /proc, one request costs the server about 540 us of CPU
   against 180 us for the bare app, about twice what the same code costs called in
   process (the load generator shares the machine's two cores). Meeting 0.6x at one

@@ -166,6 +166,42 @@ def test_batcher_coalesces_and_answers_each_request_as_alone() -> None:
     assert rows == sum(len(x) for x in requests)
 
 
+def test_a_lone_request_is_its_own_batch_and_a_burst_still_coalesces() -> None:
+    """With passes computed on the loop: a request alone on the loop is computed at once,
+    without the worker task; requests started in the same turn of the loop share passes.
+    Either way each gets its solo bits."""
+    engine = engines()["deep"]
+    block = choose_block(engine, BLOCK)
+    xs = [torch.randn(2, 4) for _ in range(12)]
+    solo = [blocked_predict(engine, x, block) for x in xs]
+
+    async def main() -> tuple[Any, list[Any], bool]:
+        jobs = JobRunner(inline_max_macs=10**12, inference_threads=1, tile_threads=1)
+
+        async def run(work: Any, macs: int) -> Any:
+            return await jobs.run(work, macs, "eval")
+
+        batcher = EvalBatcher(
+            "deep", engine, run, Metrics(), max_rows=64, max_delay_s=0,
+            block_rows=block, inline=jobs.inline,
+        )  # fmt: skip
+        await asyncio.sleep(0)  # nothing else ready on the loop
+        lone = await batcher.predict(xs[0])
+        started = batcher._worker is not None
+        burst = await asyncio.gather(*(batcher.predict(x) for x in xs[1:]))
+        batcher.close()
+        jobs.close()
+        return lone, burst, started
+
+    lone, burst, worker_started = asyncio.run(main())
+    assert not worker_started
+    assert lone.shared == 1
+    assert torch.equal(lone.result, solo[0])
+    assert max(a.shared for a in burst) > 1  # the burst coalesced
+    for got, alone in zip(burst, solo[1:], strict=True):
+        assert torch.equal(got.result, alone)
+
+
 def eval_bodies() -> list[dict[str, Any]]:
     rng = random.Random(2)
     return [

@@ -554,6 +554,7 @@ class DataPlane:
                 max_rows=s.max_batch_size,
                 max_delay_s=s.max_delay_ms / 1000,
                 block_rows=self.block_rows(model),
+                inline=self.jobs.inline,
             )
         return batcher
 
