@@ -176,9 +176,18 @@ def median(loads: list[serving.Load]) -> serving.Load:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def table(
-    cells: dict[tuple[str, str, int], list[serving.Load]], seconds: float, rounds: int
-) -> str:
+def medians(cells: Cells, kind: str, clients: int) -> dict[str, serving.Load]:
+    """Each target's median round in one cell, by target name."""
+    return {t.name: median(cells[(kind, t.name, clients)]) for t in TARGETS}
+
+
+def lead(loads: dict[str, serving.Load]) -> float:
+    """Ours best over the best peer, in requests a second."""
+    ours = max(x.rps for n, x in loads.items() if n.startswith("ours"))
+    return ours / max(x.rps for n, x in loads.items() if not n.startswith("ours"))
+
+
+def table(cells: Cells, seconds: float, rounds: int) -> str:
     pins = versions()
     names = [t.name for t in TARGETS]
     lines = [
@@ -192,16 +201,14 @@ def table(
     ]
     for kind in KINDS:
         for clients in CLIENTS:
-            loads = {n: median(cells[(kind, n, clients)]) for n in names}
-            ours = max(loads[n].rps for n in names if n.startswith("ours"))
-            peer = max(loads[n].rps for n in names if not n.startswith("ours"))
+            loads = medians(cells, kind, clients)
             row = " | ".join(f"{loads[n].rps:.0f}" for n in names)
-            lines.append(f"| {kind} | {clients} | {row} | {ours / peer:.2f}x |")
+            lines.append(f"| {kind} | {clients} | {row} | {lead(loads):.2f}x |")
     lines += ["", "| request | clients | " + " | ".join(names) + " |",
               "|---|---|" + "---|" * len(names)]  # fmt: skip
     for kind in KINDS:
         for clients in CLIENTS:
-            loads = {n: median(cells[(kind, n, clients)]) for n in names}
+            loads = medians(cells, kind, clients)
             row = " | ".join(
                 f"{loads[n].p50_ms:.1f} / {loads[n].p99_ms:.1f}"
                 + (f" ({loads[n].errors} err)" if loads[n].errors else "")
@@ -218,16 +225,14 @@ TARGET_RATIO, TAIL_RATIO = 1.5, 3.0
 
 def standing(cells: Cells) -> str:
     """Where this run's table stands against the targets, cell by cell."""
-    names = [t.name for t in TARGETS]
     met, missed, tails = [], [], []
     for kind in KINDS:
         for clients in CLIENTS:
-            loads = {n: median(cells[(kind, n, clients)]) for n in names}
-            ours = max(loads[n].rps for n in names if n.startswith("ours"))
-            ratio = ours / max(loads[n].rps for n in names if not n.startswith("ours"))
+            loads = medians(cells, kind, clients)
+            ratio = lead(loads)
             (met if ratio >= TARGET_RATIO else missed).append(f"{kind} at {clients}: {ratio:.2f}x")
             if clients == max(CLIENTS):
-                tails += [loads[n].p99_ms / loads[n].p50_ms for n in names if n.startswith("ours")]
+                tails += [x.p99_ms / x.p50_ms for n, x in loads.items() if n.startswith("ours")]
     cells_said = f"met in {len(met)} of {len(met) + len(missed)}" + (
         f" ({'; '.join(met)})" if met else ""
     )
@@ -247,12 +252,7 @@ HEADLINE_END = "<!-- /peers-headline -->"
 
 def headline(cells: Cells) -> str:
     """The README's sentence on the peers, from this run's table."""
-    ratios = []
-    for kind in KINDS:
-        for clients in CLIENTS:
-            loads = {t.name: median(cells[(kind, t.name, clients)]) for t in TARGETS}
-            ours = max(x.rps for n, x in loads.items() if n.startswith("ours"))
-            ratios.append(ours / max(x.rps for n, x in loads.items() if not n.startswith("ours")))
+    ratios = [lead(medians(cells, kind, clients)) for kind in KINDS for clients in CLIENTS]
     pins = versions()
     return (
         f"Against the servers you would otherwise pick (`make bench-peers`, "

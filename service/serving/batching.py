@@ -55,6 +55,11 @@ def blocked_predict(engine: MLPEngine, x: Tensor, block_rows: int) -> Tensor:
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+def padded_macs(engine: MLPEngine, rows: int, block_rows: int) -> int:
+    """Multiply-adds of the zero-padded blocks ``blocked_predict`` computes for ``rows``."""
+    return engine.eval_macs(-(-rows // block_rows) * block_rows)
+
+
 def row_invariant(engine: MLPEngine, block_rows: int, trials: int = 3) -> bool:
     """Whether, on this machine, every row of a ``block_rows``-row eval pass comes out with
     the bits it has alone (at the first position, the rest zeros), among random rows."""
@@ -228,8 +233,7 @@ class EvalBatcher:
         )
 
     def _macs(self, rows: int) -> int:
-        """Multiply-adds of the padded blocks that ``rows`` rows take."""
-        return self.engine.eval_macs(-(-rows // self.block_rows) * self.block_rows)
+        return padded_macs(self.engine, rows, self.block_rows)
 
     def _compute(self, x: Tensor) -> Awaitable[Ran[Tensor]]:
         return self._run(

@@ -44,7 +44,7 @@ from service.core.repository import (
     load_model,
 )
 from service.serving.admission import Admission
-from service.serving.batching import EvalBatcher, blocked_predict, choose_block
+from service.serving.batching import EvalBatcher, blocked_predict, choose_block, padded_macs
 from service.serving.jobs import JobRunner, Ran
 from service.serving.metrics import Metrics
 from service.serving.observe import annotate
@@ -506,8 +506,7 @@ class DataPlane:
     async def _eval(self, model: LoadedModel, x: torch.Tensor) -> Ran[torch.Tensor]:
         """One eval job over zero-padded blocks, as a batch of one."""
         block = self.block_rows(model)
-        padded = -(-len(x) // block) * block
-        macs = model.engine.eval_macs(padded)
+        macs = padded_macs(model.engine, len(x), block)
         return await self.jobs.run(lambda _: blocked_predict(model.engine, x, block), macs, "eval")
 
     async def _mc(
