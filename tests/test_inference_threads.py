@@ -13,7 +13,7 @@ import torch
 
 from service.core.engine import MLPEngine
 from service.serving.dataplane import DataPlane
-from service.serving.jobs import JobRunner
+from service.serving.jobs import MIN_SPREAD_TILE_MACS, JobRunner
 from service.settings import Settings
 from tests.helpers import random_tensors, wide_regression_config
 
@@ -42,6 +42,27 @@ def test_pool_threads_compute_with_one_intra_op_thread() -> None:
         assert tiles == [1] * 8
     finally:
         jobs.close()
+
+
+def test_only_tiles_that_pay_for_the_hand_over_go_to_the_tile_pool() -> None:
+    jobs = JobRunner(inline_max_macs=0, inference_threads=1, tile_threads=2)
+    alone = JobRunner(inline_max_macs=0, inference_threads=1, tile_threads=1)
+    try:
+        assert jobs.tile_map(MIN_SPREAD_TILE_MACS - 1) is map
+        assert jobs.tile_map(MIN_SPREAD_TILE_MACS) == jobs.map_tiles
+        assert alone.tile_map(MIN_SPREAD_TILE_MACS) is map  # no pool to spread over
+    finally:
+        jobs.close()
+        alone.close()
+    # A tile is tile_size samples past the prefix: what mc_macs counts for them.
+    config = wide_regression_config()
+    engine = MLPEngine(config, random_tensors(config))
+    rows, n = 3, 5000
+    tile = engine.tile_size(rows, n)
+    assert 1 < tile < n
+    prefix = engine.mc_macs(rows, 0)
+    assert engine.tile_macs(rows, n) == engine.mc_macs(rows, tile) - prefix
+    assert engine.tile_macs(rows, n) * (n // tile) <= engine.mc_macs(rows, n) - prefix
 
 
 @pytest.mark.usefixtures("three_threads")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from service.core.repository import load_model
-from service.serving.observe import LOGGER, BatchedStdout
+from service.serving.observe import LOGGER, BatchedStdout, fresh_id
 from service.settings import Settings
 from tests.helpers import LiveServer, live_server, scrape
 
@@ -131,6 +132,27 @@ def test_request_ids_are_generated_when_absent_or_unsafe(
     lines = {line["request_id"]: line for line in access_lines.wait_for(3)}
     assert [lines[i]["status"] for i in ids] == [200, 200, 404]
     assert lines[ids[2]]["model"] is None  # an unknown name is not a model
+
+
+def test_fresh_ids_are_unique_and_a_forked_child_draws_its_own_prefix() -> None:
+    """Ids are a per-process random prefix and a counter: a child forked from a worker
+    (as a process manager may) must not repeat its parent's ids."""
+    ids = [fresh_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write, fresh_id().encode())
+        os._exit(0)
+    os.close(write)
+    theirs = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(child, 0)
+    mine = fresh_id()
+    assert len(theirs) == 32
+    assert theirs[:16] != mine[:16]  # 2^-64 to fail by chance
+    assert theirs not in ids
 
 
 def test_stdout_lines_are_gathered_on_the_loop_and_written_together(

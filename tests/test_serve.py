@@ -131,6 +131,11 @@ def test_metrics_of_two_workers_count_every_request_whichever_answers_the_scrape
         time.sleep(0.5)
         totals = {scrape(url)[predict] for _ in range(8)}  # new connections: either worker
         assert totals == {sent}
+        # Live gauges are written through to the workers' files and summed: nothing is
+        # pending, and the only request in flight is the scrape itself.
+        live = scrape(url)
+        assert live[("dropout_inference_pending_requests", (("model", "concrete"),))] == 0
+        assert live[("dropout_http_requests_in_flight", ())] == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert not list(tmp_path.glob("dropout-service-metrics-*"))

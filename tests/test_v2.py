@@ -147,6 +147,20 @@ def test_eval_infer_equals_v1_predict(
     assert ("data" in out) == (not binary_out)
 
 
+def test_few_or_many_json_rows_round_to_float32_alike(client: httpx.Client) -> None:
+    """A few JSON values are checked and converted in one torch call, many with numpy
+    (``DataPlane.to_tensor``): both round float64 to float32 alike, so a row answers the
+    same bits alone and among many."""
+    rng = np.random.default_rng(5)
+    row = rng.standard_normal(WIDTH["clf"]) * 10.0 ** rng.integers(-42, 3, WIDTH["clf"])
+    row[0] = 3.4028235e38 / 1e38  # 17 digits: none of these is a float32
+    alone = v1(client, "/v1/models/clf/predict", {"inputs": [row.tolist()]})
+    many = 256 // WIDTH["clf"] + 1  # past the few, within the row limit
+    among = v1(client, "/v1/models/clf/predict", {"inputs": [row.tolist()] * many})
+    assert same_bits(np.asarray(among["outputs"][:1], np.float32), alone["outputs"], np.float32)
+    assert same_bits(np.asarray(among["outputs"], np.float32), alone["outputs"] * many, np.float32)
+
+
 def test_eval_infer_known_answer(client_v2: triton.InferenceServerClient) -> None:
     x = np.array([[1, 2], [0, 0]], dtype=np.float32)
     assert infer(client_v2, "tiny", x).as_numpy("output").tolist() == [[6.5], [0.5]]

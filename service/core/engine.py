@@ -294,10 +294,13 @@ class _Moments:
         """Fold in a ``(t, ...)`` chunk of samples."""
         c = chunk.double()
         n_b = c.shape[0]
-        if self.mean is None or self.m2 is None:  # the first chunk: one fused op
+        if self.mean is None:  # the first chunk: one fused op
             self.var, self.mean = torch.var_mean(c, 0, correction=0)
-            self.n, self.m2 = n_b, self.var * n_b
+            self.n = n_b
             return
+        if self.m2 is None:  # a second chunk: the first one's sum of squares
+            assert self.var is not None
+            self.m2 = self.var * self.n
         self.var = None
         mean_b = c.mean(0)
         m2_b = (c - mean_b).square_().sum(0)
@@ -328,6 +331,7 @@ class MLPEngine:
     ) -> None:
         self.config = config
         self.device = torch.device(device)
+        self._on_cpu = self.device.type == "cpu"
         self.chunk_elements = chunk_elements
         self.mask_mode: MaskMode = mask_mode
         # The function after each Linear: its hidden activation, or for the last the output
@@ -357,6 +361,10 @@ class MLPEngine:
         self._mc_width = max(config.widths[self._first_dropout :])  # widest MC activation
         self._x_norm = self._affine(config.input_standardization)
         self._y_norm = self._affine(config.target_standardization)
+
+    def _host(self, t: Tensor) -> Tensor:
+        """``t`` on the host: itself on a CPU engine (``.cpu()`` is a torch call)."""
+        return t if self._on_cpu else t.cpu()
 
     def _affine(self, s: object) -> tuple[Tensor, Tensor] | None:
         if s is None:
@@ -396,13 +404,18 @@ class MLPEngine:
         masks = sum(w[i] for i in range(k, len(products)) if self._p[i] > 0)  # one each
         return rows * (sum(products[:k]) + n_samples * (sum(products[k:]) + masks))
 
+    def tile_macs(self, rows: int, n_samples: int) -> int:
+        """Multiply-adds of one MC tile (``tile_size`` samples past the shared prefix): the
+        work a hand-over to another thread must pay for."""
+        return self.mc_macs(rows, self.tile_size(rows, n_samples)) - self.mc_macs(rows, 0)
+
     # -- shared pieces -------------------------------------------------------------------
 
     def _prefix(self, x: Tensor) -> Tensor:
         """Input standardisation and the layers before the first dropout: ``(B, d)``."""
         h = (
             x
-            if x.dtype == torch.float32 and x.device == self.device
+            if x.dtype == torch.float32 and (x.is_cpu if self._on_cpu else x.device == self.device)
             else x.to(self.device, torch.float32)
         )
         if self._x_norm is not None:
@@ -437,7 +450,7 @@ class MLPEngine:
                 if p > 0 and self.config.dropout_scaling == "vanilla":
                     h = h * (1.0 - p)
                 h = self._linear(i, h)
-            return self._head(h).cpu()
+            return self._host(self._head(h))
 
     # -- Monte Carlo -----------------------------------------------------------------------
 
@@ -489,7 +502,7 @@ class MLPEngine:
                     if classification:
                         entropy_sum = entropy_sum + entropy(y).sum(0, dtype=torch.float64)
                     if return_samples:
-                        kept.append(y.cpu())
+                        kept.append(self._host(y))
                 passes += stage
                 if target_se is not None and _worst_se(moments, passes) <= target_se:
                     break
@@ -498,11 +511,11 @@ class MLPEngine:
             h_mean = mi = None
             if classification:
                 h_mean = entropy(mean)
-                mi = (h_mean - entropy_sum / passes).clamp_(min=0.0).cpu()
-                h_mean = h_mean.cpu()
+                mi = self._host((h_mean - entropy_sum / passes).clamp_(min=0.0))
+                h_mean = self._host(h_mean)
             return MCResult(
-                mean=mean.cpu(),
-                variance=variance.cpu(),
+                mean=self._host(mean),
+                variance=self._host(variance),
                 samples=torch.cat(kept) if return_samples else None,
                 entropy=h_mean,
                 mutual_information=mi,

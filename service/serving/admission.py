@@ -5,7 +5,6 @@ admitted request has a deadline; past it ``DeadlineExceeded`` rather than a hang
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,20 +19,19 @@ class Admission:
         self.max_pending = max_pending
         self.timeout_s = timeout_s
         self.metrics = metrics
-        self._pending: Counter[str] = Counter()
 
     @asynccontextmanager
     async def admit(self, model: str) -> AsyncIterator[None]:
         """Hold one of ``model``'s slots for the body; raise ``Overloaded`` if none is free
         and ``DeadlineExceeded`` if the body outlives the deadline. The body's job is then
         told to stop and the slot held until it has (``jobs.JobRunner.run``)."""
-        if self._pending[model] >= self.max_pending:
+        count = self.metrics.pending_count(model)
+        if count.value >= self.max_pending:
             self.metrics.child(self.metrics.rejected, model, "overloaded").inc()
             raise Overloaded(
                 f"model {model!r} has {self.max_pending} requests in progress; retry later"
             )
-        self._pending[model] += 1
-        self.metrics.child(self.metrics.pending, model).inc()
+        count.inc()
         deadline = asyncio.timeout(self.timeout_s)
         try:
             async with deadline:
@@ -46,5 +44,4 @@ class Admission:
                 f"model {model!r} did not answer within {self.timeout_s:g} s"
             ) from None
         finally:
-            self._pending[model] -= 1
-            self.metrics.child(self.metrics.pending, model).dec()
+            count.dec()

@@ -46,13 +46,15 @@ Runner = Callable[[Work[Tensor], int], Awaitable[Ran[Tensor]]]
 def blocked_predict(engine: MLPEngine, x: Tensor, block_rows: int) -> Tensor:
     """``engine.predict`` over zero-padded blocks of exactly ``block_rows`` rows: ``(B, out)``."""
     rows = len(x)
+    if rows <= block_rows:  # one block (the usual case): no slicing and no concatenation
+        return engine.predict(F.pad(x, (0, 0, 0, block_rows - rows)))[:rows]
     outputs = []
     for start in range(0, rows, block_rows):
         part = x[start : start + block_rows]
         n = len(part)
         block = F.pad(part, (0, 0, 0, block_rows - n))  # always a fresh, aligned buffer
         outputs.append(engine.predict(block)[:n])
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return torch.cat(outputs)
 
 
 def padded_macs(engine: MLPEngine, rows: int, block_rows: int) -> int:

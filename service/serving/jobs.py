@@ -26,6 +26,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
+from service.core.engine import TileMap
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -62,6 +64,14 @@ class Ran(Generic[T]):
     @property
     def compute_s(self) -> float:
         return self.end - self.start
+
+
+#: MC tiles of fewer multiply-adds compute on their job's thread, in order. Measured on 2
+#: cores (docs/benchmarks.md, "MC tiles over threads"): the masks of a chunk are drawn on
+#: one thread first, and passing each tile's torch calls between threads cost more than
+#: the second core saved for tiles of 6-17 M multiply-adds (the shipped models, a
+#: 256-wide one: 0.82x-1.02x), while tiles of 68 M (512 wide) ran 1.14x-1.34x faster.
+MIN_SPREAD_TILE_MACS = 32_000_000
 
 
 def _never() -> bool:
@@ -129,6 +139,14 @@ class JobRunner:
             raise ClientGone
         result, start, end = job.result()
         return Ran(result, queued, start, end)
+
+    def tile_map(self, tile_macs: int) -> TileMap:
+        """How an MC job whose tiles cost ``tile_macs`` multiply-adds each maps them: over
+        the tile pool when there is one and a tile pays for the hand-over
+        (``MIN_SPREAD_TILE_MACS``), else in order on the job's own thread."""
+        if self._tiles is None or tile_macs < MIN_SPREAD_TILE_MACS:
+            return map
+        return self.map_tiles
 
     def map_tiles(self, fn: Callable[[int], R], items: Iterable[int]) -> Iterator[R]:
         """``map(fn, items)``, on the tile pool when there is one and more than one item."""

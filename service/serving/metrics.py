@@ -36,11 +36,38 @@ MI_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 OOD_SCORE_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0)
 
 
+class LiveCount:
+    """A count of what is in progress, shown by a gauge. In one process the gauge reads the
+    count when scraped, so a change costs an addition rather than a locked update; in
+    multiprocess mode, where a gauge cannot read a function, each change is written
+    through to the worker's file as well."""
+
+    __slots__ = ("_gauge", "value")
+
+    def __init__(self, gauge: Gauge, shared: bool) -> None:
+        self.value = 0
+        self._gauge = gauge if shared else None
+        if not shared:
+            gauge.set_function(lambda: self.value)
+
+    def inc(self) -> None:
+        self.value += 1
+        if self._gauge is not None:
+            self._gauge.inc()
+
+    def dec(self) -> None:
+        self.value -= 1
+        if self._gauge is not None:
+            self._gauge.dec()
+
+
 class Metrics:
     """The service's collectors, registered on their own registry (no global state)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._shared = bool(os.environ.get(MULTIPROC_DIR))  # multiprocess mode
+        self._live: dict[str, LiveCount] = {}
         self._children: dict[tuple[int, tuple[str, ...]], object] = {}
         # gRPC calls count here too (protocol "grpc": gRPC rides HTTP/2), with the full
         # method as endpoint and the status code's name as status.
@@ -58,11 +85,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.in_flight = Gauge(
-            "dropout_http_requests_in_flight",
-            "Requests being handled.",
-            registry=self.registry,
-            multiprocess_mode="livesum",
+        self.in_flight = LiveCount(
+            Gauge(
+                "dropout_http_requests_in_flight",
+                "Requests being handled.",
+                registry=self.registry,
+                multiprocess_mode="livesum",
+            ),
+            self._shared,
         )
         # A gauge of 1 per model rather than an Info, which multiprocess mode cannot carry.
         self.model_info = Gauge(
@@ -162,6 +192,13 @@ class Metrics:
         """At a worker's shutdown: its live gauges leave the sums of the other workers."""
         if os.environ.get(MULTIPROC_DIR):
             mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+    def pending_count(self, model: str) -> LiveCount:
+        """Requests admitted for ``model`` and not yet answered (a ``LiveCount``)."""
+        live = self._live.get(model)
+        if live is None:
+            live = self._live[model] = LiveCount(self.pending.labels(model), self._shared)
+        return live
 
     def child(self, metric: M, *values: str) -> M:
         """``metric.labels(*values)``, memoised: label sets here are bounded (route templates,
