@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt
 import serving
 import torch
 
+from service.serving.jobs import MIN_SPREAD_TILE_MACS
+
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_COLUMNS = [
     "naive loop",
@@ -378,6 +380,31 @@ def throughput_section(seconds: int) -> str:
     )
 
 
+def tiles_section(seconds: float) -> str:
+    """MC tiles in order against over the tile threads (bench/tiles.py), its own process."""
+    command = [sys.executable, str(ROOT / "bench" / "tiles.py"), "--seconds", str(seconds)]
+    table = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return (
+        "\n## MC tiles over threads\n\n"
+        f"`python bench/tiles.py --seconds {seconds:g}`: one MC request in process, its tiles "
+        "computed in order on one thread or spread over a pool of 2 tile threads (the "
+        "service's `JobRunner.map_tiles`), median of up to 200 calls; requests of more than "
+        "one tile. The last column is what the service does: it spreads tiles of at least "
+        f"{MIN_SPREAD_TILE_MACS // 1_000_000} M multiply-adds (`jobs.MIN_SPREAD_TILE_MACS`).\n\n"
+        f"{table}{TILES_READING}"
+    )
+
+
+TILES_READING = """
+How to read it: a chunk's masks come from one random stream, drawn on one thread before any
+tile computes, and on the shipped models (100 and 128 wide) they are most of an MC request
+(torch's `bernoulli_` spends about 7 ns a mask element here). Spreading only splits the
+products, and each tile's dozen torch calls then pass the GIL between threads; for tiles
+of a few million multiply-adds that costs more than the second core saves. The 512-wide
+model's tiles carry 68 M multiply-adds each, and there spreading pays.
+"""
+
+
 def adaptive_section() -> str:
     """Adaptive sampling against a fixed T (bench/adaptive.py), run as its own process."""
     command = [sys.executable, str(ROOT / "bench" / "adaptive.py")]
@@ -465,6 +492,7 @@ def main() -> None:
     )
     sections = request_path_section(100 if args.quick else 300)
     sections += throughput_section(2 if args.quick else 5)
+    sections += tiles_section(0.5 if args.quick else 1.0)
     sections += adaptive_section()
     sections += grpc_section(2 if args.quick else 5)
     sections += kept_peers_section(args.out)
@@ -555,9 +583,13 @@ NOTES = """
     `DROPOUT_INLINE_MAX_MACS` multiply-adds (a 16-row eval block of concrete is 0.17 M, an
     MC request of T=100 on one row 1 M) runs on the loop: the hand-off to a pool thread and
     back costs more than the job. Larger ones go to a pool (eval jobs and MC jobs each to
-    their own), so the loop is never held for more than about 0.2 ms. Every pass computes
+    their own), so the loop is held for about 0.2 ms at most while other requests are in
+    flight; an MC request alone in the worker computes on the loop up to
+    `DROPOUT_INLINE_ALONE_MAX_MACS` (16 M, about 2 ms: MC T=1000 on concrete is 11 M), since
+    nothing waits for the loop then and the hand-off costs a tenth of the job. Every pass computes
     on one intra-op thread wherever it runs, so no answer depends on the thread settings; a
-    large MC request spreads its tiles over `DROPOUT_TORCH_THREADS` threads instead.
+    large MC request spreads its tiles over `DROPOUT_TORCH_THREADS` threads instead, when
+    they hold enough work to pay for the hand-over ("MC tiles over threads" above).
   - **A hot path for v1 predict and v2 infer.** FastAPI's routing over every route,
     dependency solving, exception middleware and response model cost about as much as the
     bare app's whole request; `HotPath` (`service/protocols/http/hotpath.py`) answers

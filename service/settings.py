@@ -51,6 +51,14 @@ class Settings(BaseSettings):
         "core) run on the event loop instead of a pool thread: the hand-off costs "
         "more than they do. 0 sends every job to the threads.",
     )
+    inline_alone_max_macs: int = Field(
+        16_000_000,
+        ge=0,
+        description="An MC job of at most this many multiply-adds (about 2 ms on one core) "
+        "also runs on the event loop when its request is the only one in flight in the "
+        "worker: nothing waits for the loop, and the hand-off to a thread and back costs "
+        "a tenth of such a job. 0 turns this off.",
+    )
     max_sample_values: int = Field(
         1_000_000, ge=1, description="Most values (T x rows x outputs) return_samples may send."
     )

@@ -7,11 +7,13 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from service.core.engine import MLPEngine
+from service.core.repository import LoadedModel
 from service.serving.dataplane import DataPlane
 from service.serving.jobs import MIN_SPREAD_TILE_MACS, JobRunner
 from service.settings import Settings
@@ -104,6 +106,41 @@ def test_a_large_mc_request_spreads_its_tiles_over_the_tile_threads(tmp_path: Pa
     finally:
         plane.close()
     assert len({name for name in names if name.startswith("tile")}) == 2, names
+
+
+def test_an_mc_job_computes_on_the_loop_only_when_its_request_is_alone(tmp_path: Path) -> None:
+    """Past ``inline_max_macs`` an MC job goes to the MC pool, unless its request is the only
+    one in flight and the job is at most ``inline_alone_max_macs``: nothing waits then."""
+    config = wide_regression_config()
+    engine = MLPEngine(config, random_tensors(config))
+    model = LoadedModel(config, engine, tmp_path)
+    x = torch.randn(1, 8)
+    n = 200
+    macs = engine.mc_macs(1, n)
+    where: list[str] = []
+    original = engine.predict_mc
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        where.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    engine.predict_mc = spy  # type: ignore[method-assign]
+
+    def run(in_flight: int, **settings: Any) -> str:
+        plane = DataPlane(Settings(model_dir=tmp_path, inline_max_macs=macs - 1, **settings))
+        plane.metrics.in_flight.value = in_flight
+        try:
+            asyncio.run(plane._mc(model, x, n, seed=1, return_samples=False))
+        finally:
+            plane.close()
+        return where.pop()
+
+    loop = threading.current_thread().name
+    assert run(1) == loop  # this request alone
+    assert run(0) == loop  # the data plane called directly
+    assert run(2) != loop  # another request in flight: the MC pool
+    assert run(1, inline_alone_max_macs=macs - 1) != loop  # too large to hold the loop
+    assert run(1, inline_alone_max_macs=0) != loop
 
 
 @pytest.mark.parametrize("mask_mode", ["torch", "packed"])

@@ -15,10 +15,12 @@ from service.protocols.tensors import (
     datatype_of,
     from_bytes,
     from_json,
+    rows_from_json,
     split_body,
     to_bytes,
     to_json,
 )
+from service.serving.dataplane import SMALL_INPUT_VALUES
 from tests.helpers import tiny_regression_config
 
 
@@ -88,6 +90,38 @@ def test_from_json_refuses_wrong_counts_and_non_numbers(data: object, match: str
         from_json(data, [2, 2], "FP32", "x")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("data", [[1, 2.5, 3, 4], [[1, 2.5], [3, 4]], [[[1], [2.5]], [3, [4]]]])
+def test_rows_from_json_gives_a_few_values_as_float_rows(data: list[object]) -> None:
+    rows = rows_from_json(data, [2, 2], "FP32", "x")  # type: ignore[arg-type]
+    assert rows == [[1.0, 2.5], [3.0, 4.0]]
+    assert all(type(v) is float for row in rows for v in row)  # type: ignore[union-attr]
+
+
+def test_rows_from_json_gives_many_values_as_an_array() -> None:
+    width = 8
+    n = SMALL_INPUT_VALUES // width + 1
+    values = [float(i) / 3 for i in range(n * width)]
+    many = rows_from_json(values, [n, width], "FP32", "x")
+    assert isinstance(many, np.ndarray)
+    assert many.tobytes() == np.array(values).reshape(n, width).tobytes()
+
+
+@pytest.mark.parametrize("data", [[1, 2, 3], [1, True, 3, 4], [[1, 2], [3, "4"]], None])
+def test_rows_from_json_refuses_what_from_json_refuses(data: object) -> None:
+    with pytest.raises(InvalidInput) as rows_error:
+        rows_from_json(data, [2, 2], "FP32", "x")
+    with pytest.raises(InvalidInput) as array_error:
+        from_json(data, [2, 2], "FP32", "x")
+    assert str(rows_error.value) == str(array_error.value)
+
+
+def test_an_integer_past_float64_is_refused_either_way() -> None:
+    for shape in ([2, 2], [SMALL_INPUT_VALUES, 2]):
+        data = [1] * (shape[0] * shape[1] - 1) + [10**400]
+        with pytest.raises(InvalidInput, match="beyond FP32 range"):
+            rows_from_json(data, shape, "FP32", "x")
+
+
 def test_to_json_is_flat_and_exact() -> None:
     t = torch.tensor([[0.1, 0.2]], dtype=torch.float32)
     assert to_json(t) == [float(np.float32(0.1)), float(np.float32(0.2))]
@@ -105,7 +139,9 @@ def test_decodes_the_request_tritonclient_encodes() -> None:
         header, tail = split_body(body, None if json_size is None else str(json_size))
         request = InferenceRequest.model_validate_json(header)
         decoded = input_tensor(config, request, tail)
-        assert decoded.astype(np.float32).tobytes() == x.tobytes()
+        # Binary data comes as an array; a few JSON values as rows of Python floats.
+        assert isinstance(decoded, np.ndarray) == binary
+        assert np.asarray(decoded).astype(np.float32).tobytes() == x.tobytes()
         assert request.parameters is not None
         assert request.parameters.seed == 7
 

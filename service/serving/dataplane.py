@@ -71,7 +71,7 @@ def _is_model_name(name: str) -> bool:
 #: The smallest magnitude that rounds to infinity in float32 (FLT_MAX plus half an ulp).
 _FLOAT32_OVERFLOW = float(2**128 - 2**103)
 #: JSON rows of at most this many values are checked in Python, larger ones with numpy.
-_SMALL_INPUT_VALUES = 256
+SMALL_INPUT_VALUES = 256
 
 #: Request rows as JSON gives them, or a decoded ``(B, in)`` array or tensor.
 Inputs = list[list[float]] | np.ndarray | torch.Tensor
@@ -451,7 +451,7 @@ class DataPlane:
                         f"row {i} has {len(row)} values; model {model.config.name!r} "
                         f"expects {width}",
                     )
-            if len(inputs) * width <= _SMALL_INPUT_VALUES and all(
+            if len(inputs) * width <= SMALL_INPUT_VALUES and all(
                 -_FLOAT32_OVERFLOW < v < _FLOAT32_OVERFLOW for row in inputs for v in row
             ):
                 # A few values: checked in Python and converted in one torch call (numpy's
@@ -532,24 +532,35 @@ class DataPlane:
         """One MC job (its answer unchecked: the caller checks what it sends)."""
         engine = model.engine
         macs = engine.mc_macs(len(x), n)  # an adaptive job is sized by its cap
-        inline = self.jobs.inline(macs)
-        tiles = map if inline else self.jobs.tile_map(engine.tile_macs(len(x), n))
-
-        def work(stopped: Callable[[], bool]) -> MCResult:
-            return engine.predict_mc(
-                x,
-                n,
-                seed,
-                return_samples=return_samples,
-                stop=stopped,
-                map_tiles=tiles,
-                target_se=target_se,
-            )
-
         async with self.priority.mc_turn() as waited:  # eval first
             if waited is not None:
                 annotate(priority_wait_ms=round(waited * 1000, 3))
+            inline = self.jobs.inline(macs) or self._alone(macs)
+            tiles = map if inline else self.jobs.tile_map(engine.tile_macs(len(x), n))
+
+            def work(stopped: Callable[[], bool]) -> MCResult:
+                return engine.predict_mc(
+                    x,
+                    n,
+                    seed,
+                    return_samples=return_samples,
+                    stop=stopped,
+                    map_tiles=tiles,
+                    target_se=target_se,
+                )
+
             return await self.jobs.run(work, macs, "mc", inline=inline)
+
+    def _alone(self, macs: int) -> bool:
+        """Whether an MC job of ``macs`` multiply-adds computes on the loop because its
+        request is the only one the front doors have read and not answered, and no eval
+        traffic is about (``inline_alone_max_macs``)."""
+        return (
+            self.settings.inline_max_macs > 0
+            and macs <= self.settings.inline_alone_max_macs
+            and self.metrics.in_flight.value <= 1
+            and not self.priority.evals_active()
+        )
 
     def _batcher(self, model: LoadedModel) -> EvalBatcher:
         name = model.config.name

@@ -67,7 +67,7 @@ class Ran(Generic[T]):
 
 
 #: MC tiles of fewer multiply-adds compute on their job's thread, in order. Measured on 2
-#: cores (docs/benchmarks.md, "MC tiles over threads"): the masks of a chunk are drawn on
+#: cores (`python bench/tiles.py`, docs/benchmarks.md): the masks of a chunk are drawn on
 #: one thread first, and passing each tile's torch calls between threads cost more than
 #: the second core saved for tiles of 6-17 M multiply-adds (the shipped models, a
 #: 256-wide one: 0.82x-1.02x), while tiles of 68 M (512 wide) ran 1.14x-1.34x faster.

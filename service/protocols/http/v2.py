@@ -43,7 +43,7 @@ from service.protocols.tensors import (
     binary_chunks,
     datatype_of,
     from_bytes,
-    from_json,
+    rows_from_json,
     split_body,
     to_bytes,
     to_json,
@@ -197,7 +197,9 @@ async def infer_response(
 _NO_PARAMETERS = InferParameters()
 
 
-def input_tensor(config: ModelConfig, body: InferenceRequest, tail: bytes) -> np.ndarray:
+def input_tensor(
+    config: ModelConfig, body: InferenceRequest, tail: bytes
+) -> np.ndarray | list[list[float]]:
     """The one ``input`` tensor, ``(rows, input_dim)`` FP32, from JSON data or binary bytes."""
     names = [i.name for i in body.inputs]
     spec = body.inputs[0]
@@ -210,7 +212,7 @@ def input_tensor(config: ModelConfig, body: InferenceRequest, tail: bytes) -> np
         return from_bytes(raw, spec.shape, spec.datatype, where)
     if spec.data is None:
         raise InvalidInput(["inputs", 0], f"{where} has neither data nor binary_data_size")
-    return from_json(spec.data, spec.shape, spec.datatype, where)
+    return rows_from_json(spec.data, spec.shape, spec.datatype, where)
 
 
 def encode(answer: InferAnswer, body: InferenceRequest, params: InferParameters) -> Response:
