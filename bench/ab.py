@@ -7,6 +7,9 @@ turns, endpoint by endpoint and round by round, the order flipped every round, s
 the same machine; the table gives the median requests/s of the rounds. Needs wrk.
 
     python bench/ab.py --base e89fb90 --rounds 5 --seconds 5 --write
+
+``--write`` puts the table into docs/benchmarks.md (between its ab markers, where make bench
+keeps it), with a placeholder for the reading, which is written by hand.
 """
 
 from __future__ import annotations
@@ -82,20 +85,39 @@ def main() -> None:
                         rps.setdefault((side, name, c), []).append(load.rps)
                         print(f"round {r} {side} {name} c={c}: {load.rps:.0f} req/s", flush=True)
     med = {k: statistics.median(v) for k, v in rps.items()}
-    print(
-        f"\n`python bench/ab.py --base {args.base} --rounds {args.rounds} "
-        f"--seconds {args.seconds:g}` (median requests/s of {args.rounds} interleaved rounds)\n"
-    )
-    print("| endpoint | clients | before | after | after / before | after, v2 / v1 eval |")
-    print("|---|---|---|---|---|---|")
+    after = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    lines = [
+        f"`python bench/ab.py --base {args.base} --rounds {args.rounds} "
+        f"--seconds {args.seconds:g}`: {args.base} against {after} (this checkout), median "
+        f"requests/s of {args.rounds} interleaved rounds, {serving.machine_line()}.",
+        "",
+        "| endpoint | clients | before | after | after / before | after, v2 / v1 eval |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, _, _ in ENDPOINTS:
         for c in serving.CONCURRENCY:
-            before, after = med[("before", name, c)], med[("after", name, c)]
+            was, now = med[("before", name, c)], med[("after", name, c)]
             v2 = med[("after", "v2 eval", c)] / med[("after", "v1 eval", c)]
             shown = f"{v2:.2f}x" if name == "v2 eval" else ""
-            print(
-                f"| {name} | {c} | {before:.0f} | {after:.0f} | {after / before:.2f}x | {shown} |"
-            )
+            lines.append(f"| {name} | {c} | {was:.0f} | {now:.0f} | {now / was:.2f}x | {shown} |")
+    print("\n" + "\n".join(lines))
+    if args.write:
+        write(lines)
+
+
+def write(lines: list[str]) -> None:
+    """Replace the table between the markers of docs/benchmarks.md; the reading under it,
+    within the markers, is written by hand for each comparison."""
+    page = ROOT / "docs" / "benchmarks.md"
+    text = page.read_text()
+    if AB_START not in text:
+        raise SystemExit(f"{page} has no {AB_START!r}: run make bench first")
+    head, rest = text.split(AB_START, 1)
+    _, tail = rest.split(AB_END, 1)
+    body = "\n".join(lines)
+    page.write_text(f"{head}{AB_START}\n{body}\n\n(reading: to be written)\n{AB_END}{tail}")
 
 
 if __name__ == "__main__":

@@ -360,7 +360,7 @@ at no measured cost, so the service runs on it (`uvicorn_options` in
 """
 
 
-AB_HEADING = """## Before and after: one data plane under v1 and v2
+AB_HEADING = """## Before and after: fewer calls per request
 
 `bench/ab.py` serves the shipped concrete model from a worktree of an earlier commit and from
 this checkout, one uvicorn worker each, and measures them with wrk in turns. It is run by
