@@ -638,13 +638,21 @@ NOTES = """
   top come the request's bookkeeping, priced by the other rows: the access line, the
   batcher's hand-over between tasks (skipped since by a request alone on the loop: one
   client 1804 to 2049 requests a second, `bench/ab.py --base 26389f0`), admission with
-  its deadline, the metrics, the input checks and the tensor conversion. At one client
-  the server's event loop is busy the
-  whole time: measured from /proc, one request costs the server about 540 us of CPU
-  against 180 us for the bare app, about twice what the same code costs called in
-  process (the load generator shares the machine's two cores). Meeting 0.6x at one
-  client would take a third off all of that together; under load the batcher shares one
-  pass among many requests and the ratio rises (the c = 64 row).
+  its deadline, the metrics, the input checks and the tensor conversion. The last round
+  took out calls that did no work (a JSON row converted in one torch call instead of four
+  numpy calls and a copy, request ids from a counter instead of the OS's random source,
+  live gauges read when scraped, no slice or `.cpu()` on a one-block pass): one client
+  2057 to 2337 requests a second, side by side ("Before and after" below). At one client
+  the server's event loop is busy the whole time: the CPU time of the server's threads
+  (`/proc/PID/task/*/stat` before and after an 8-second wrk run, over its requests) is
+  about 400 us a request (540 us before that round) against 174 us for the bare app,
+  about twice what the same code costs called in process. Meeting 0.6x at one client
+  would take some 110 us more off those 400. The rows "service, no forward pass" and
+  "service, metrics off" price the largest pieces in process: the forward pass costs
+  more among the request's other code than alone (row "forward pass"), its dozen torch
+  calls meeting cold caches, and no other piece is near that size, so what is left is
+  the forward pass and many small costs. Under load the batcher shares one pass among
+  many requests and the ratio rises (the c = 64 row).
 - **MC over the bare app**: MC requests add the engine time itself (three masks and two
   products over T rows), which at T = 1000 is most of the request.
 - **One core per pass**: the engine tables give torch all cores (`--threads`), and the

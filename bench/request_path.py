@@ -92,6 +92,24 @@ async def call(app: ASGI, path: str, chunked: bool = False) -> int:
     return status
 
 
+class _Uncounted:
+    """A metric child whose updates do nothing."""
+
+    value = 0  # as a live count reads
+
+    def inc(self, *_: object) -> None: ...
+    def dec(self, *_: object) -> None: ...
+    def observe(self, *_: object) -> None: ...
+
+
+def no_metrics(metrics: Any) -> None:
+    """Turn one app's Prometheus updates into no-ops (its ``Metrics`` instance only)."""
+    uncounted = _Uncounted()
+    metrics.child = lambda *_: uncounted
+    metrics.observe_request = lambda *_: None
+    metrics.in_flight = uncounted
+
+
 async def started(settings: Settings) -> tuple[ASGI, asyncio.Task[None]]:
     """The service app with its lifespan run and its models loaded."""
     app = create_app(settings)
@@ -114,6 +132,11 @@ async def variants() -> tuple[list[Variant], list[asyncio.Task[None]]]:
     threads, b = await started(Settings(**base, inline_max_macs=0))
     unbatched, c = await started(Settings(**base, batching=False))
     quiet, d = await started(Settings(**base, access_log=False))
+    uncounted, e = await started(Settings(**base))
+    no_metrics(uncounted.state.plane.metrics)  # type: ignore[attr-defined]
+    passless, f = await started(Settings(**base))
+    answer = torch.zeros(1, 1)
+    passless.state.plane.model("concrete").engine.predict = lambda _: answer  # type: ignore[attr-defined]
     engine = service.state.plane.model("concrete").engine  # type: ignore[attr-defined]
     x = torch.tensor([ROW])
 
@@ -137,11 +160,15 @@ async def variants() -> tuple[list[Variant], list[asyncio.Task[None]]]:
                 post(service)),
         Variant("service, access log off", "DROPOUT_ACCESS_LOG=false", post(quiet)),
         Variant("service, batching off", "DROPOUT_BATCHING=false", post(unbatched)),
+        Variant("service, metrics off", "that app's Prometheus updates made no-ops",
+                post(uncounted)),
+        Variant("service, no forward pass", "that app's engine answers a constant at once",
+                post(passless)),
         Variant("service, every job on the threads", "DROPOUT_INLINE_MAX_MACS=0",
                 post(threads)),
         Variant("service through FastAPI", "no Content-Length, so the hot path passes it on",
                 post(service, chunked=True)),
-    ], [a, b, c, d]  # fmt: skip
+    ], [a, b, c, d, e, f]  # fmt: skip
 
 
 async def measure(rounds: int) -> list[tuple[Variant, float]]:

@@ -21,7 +21,6 @@ import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,25 +50,27 @@ class Stopped(Exception):
     """An MC computation stopped between tiles because its ``stop`` callback asked."""
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
+class one_thread:  # noqa: N801 - a context manager, named as the function it replaced
     """Run the body with one intra-op thread in this OS thread.
 
     A CPU matrix product split over several threads may sum in another order (measured with
     torch 2.13: a 100x256 by 256x1 product differs in the last bit between 1 and 2 threads),
     so every forward pass computes on one thread, and a seed's bits never depend on the
-    thread settings. Where the thread already runs one (the service's pools), this costs a
-    call to ``torch.get_num_threads``.
+    thread settings. Where the thread already runs one (the service's pools and event loop),
+    this costs a call to ``torch.get_num_threads`` (a class, not a generator: entered several
+    times per request).
     """
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+
+    __slots__ = ("_before",)
+
+    def __enter__(self) -> None:
+        self._before = torch.get_num_threads()
+        if self._before != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *_: object) -> None:
+        if self._before != 1:
+            torch.set_num_threads(self._before)
 
 
 def activation_fn(act: Activation) -> Callable[[Tensor], Tensor]:
@@ -551,19 +552,25 @@ class MLPEngine:
             if i >= self._first_dropout and p > 0
         }
 
-        @torch.inference_mode()
         def run(start: int) -> Tensor:
             if stop is not None and stop():
                 raise Stopped
             with one_thread():
                 n = min(tile, t - start)
-                h = h0.expand(n, *h0.shape)  # (n, B, d), a view until a mask multiplies it
+                whole = n == t  # one tile: the masks as drawn, no slicing
+                # The first layer here has a mask (it is the first dropout), which the
+                # prefix (B, d) multiplies into by broadcasting: h becomes (n, B, d). A
+                # model without dropout has no such layer: its n samples are views of h0.
+                h = h0 if masks else h0.expand(n, *h0.shape)
                 for i in range(self._first_dropout, len(self._layers)):
                     mask = masks.get(i)
                     if mask is not None:
-                        h = mask[start : start + n].mul_(h)  # into the fresh mask: no copy
+                        part = mask if whole else mask[start : start + n]
+                        h = part.mul_(h)  # into the fresh mask: no copy
                     h = self._linear(i, h, mc=True)
                 return h
 
-        tiles = list(map_tiles(run, range(0, t, tile)))
+        # In order, the tiles run under the caller's inference mode; a pool thread needs its own.
+        tile_fn = run if map_tiles is map else torch.inference_mode()(run)
+        tiles = list(map_tiles(tile_fn, range(0, t, tile)))
         return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
