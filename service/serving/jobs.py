@@ -69,8 +69,9 @@ class Ran(Generic[T]):
 #: MC tiles of fewer multiply-adds compute on their job's thread, in order. Measured on 2
 #: cores (`python bench/tiles.py`, docs/benchmarks.md): the masks of a chunk are drawn on
 #: one thread first, and passing each tile's torch calls between threads cost more than
-#: the second core saved for tiles of 6-17 M multiply-adds (the shipped models, a
-#: 256-wide one: 0.82x-1.02x), while tiles of 68 M (512 wide) ran 1.14x-1.34x faster.
+#: the second core saved for the shipped models' tiles of 7-9 M multiply-adds (0.76x-0.94x
+#: the speed in order); a 256-wide model's 17 M tiles came out about even, and tiles of
+#: 68 M (512 wide) ran 1.06x-1.28x faster spread.
 MIN_SPREAD_TILE_MACS = 32_000_000
 
 
