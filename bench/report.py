@@ -380,10 +380,15 @@ hand for a change that must not cost speed; `make bench` keeps its last table.
 """
 
 
+def script_output(script: str, *args: str) -> str:
+    """What ``bench/<script>`` prints, run as its own process from the repository root."""
+    command = [sys.executable, str(ROOT / "bench" / script), *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
 def throughput_section(seconds: int) -> str:
     """Dynamic batching on against off (bench/throughput.py), run as its own process."""
-    command = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--seconds", str(seconds)]
-    table = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    table = script_output("throughput.py", "--seconds", str(seconds))
     return (
         "\n## Eval throughput: dynamic batching on against off\n\n"
         f"`python bench/throughput.py --seconds {seconds}` (also `make bench-throughput`): one "
@@ -394,8 +399,7 @@ def throughput_section(seconds: int) -> str:
 
 def tiles_section(seconds: float) -> str:
     """MC tiles in order against over the tile threads (bench/tiles.py), its own process."""
-    command = [sys.executable, str(ROOT / "bench" / "tiles.py"), "--seconds", str(seconds)]
-    table = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    table = script_output("tiles.py", "--seconds", str(seconds))
     return (
         "\n## MC tiles over threads\n\n"
         f"`python bench/tiles.py --seconds {seconds:g}`: one MC request in process, its tiles "
@@ -420,8 +424,7 @@ and the 512-wide model's tiles carry 68 M multiply-adds each, where spreading pa
 
 def adaptive_section() -> str:
     """Adaptive sampling against a fixed T (bench/adaptive.py), run as its own process."""
-    command = [sys.executable, str(ROOT / "bench" / "adaptive.py")]
-    text = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    text = script_output("adaptive.py")
     return f"\n## Adaptive sampling: target_se against a fixed T\n\n{text}{ADAPTIVE_READING}"
 
 
@@ -454,8 +457,7 @@ not test. The load generator is an asyncio client on the same two cores as the s
 
 def grpc_section(seconds: int) -> str:
     """gRPC against REST v2 (bench/grpc_rest.py), run as its own process."""
-    command = [sys.executable, str(ROOT / "bench" / "grpc_rest.py"), "--seconds", str(seconds)]
-    text = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    text = script_output("grpc_rest.py", "--seconds", str(seconds))
     return f"\n## gRPC against REST v2\n\n{GRPC_START}\n{text}{GRPC_END}\n{GRPC_READING}"
 
 
