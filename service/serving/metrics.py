@@ -66,7 +66,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._shared = bool(os.environ.get(MULTIPROC_DIR))  # multiprocess mode
+        # Multiprocess mode, read once: the live gauges, the scrape and the shutdown agree.
+        self._shared = bool(os.environ.get(MULTIPROC_DIR))
         self._live: dict[str, LiveCount] = {}
         self._children: dict[tuple[int, tuple[str, ...]], object] = {}
         # gRPC calls count here too (protocol "grpc": gRPC rides HTTP/2), with the full
@@ -182,7 +183,7 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The Prometheus text of this app, or of every worker in multiprocess mode."""
-        if os.environ.get(MULTIPROC_DIR):
+        if self._shared:
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
@@ -190,7 +191,7 @@ class Metrics:
 
     def close(self) -> None:
         """At a worker's shutdown: its live gauges leave the sums of the other workers."""
-        if os.environ.get(MULTIPROC_DIR):
+        if self._shared:
             mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     def pending_count(self, model: str) -> LiveCount:
