@@ -93,20 +93,18 @@ async def call(app: ASGI, path: str, chunked: bool = False) -> int:
 
 
 class _Uncounted:
-    """A metric child whose updates do nothing."""
+    """A live count that counts nothing."""
 
     value = 0  # as a live count reads
 
     def inc(self, *_: object) -> None: ...
     def dec(self, *_: object) -> None: ...
-    def observe(self, *_: object) -> None: ...
 
 
 def no_metrics(metrics: Any) -> None:
     """Turn one app's Prometheus updates into no-ops (its ``Metrics`` instance only)."""
     uncounted = _Uncounted()
-    metrics.child = lambda *_: uncounted
-    metrics.observe_request = lambda *_: None
+    metrics.add = lambda *_: None
     metrics.in_flight = uncounted
 
 

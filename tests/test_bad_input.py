@@ -9,14 +9,19 @@ answering a normal request correctly. Add a row to cover a new endpoint or a new
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
+import torch
 
+from service.core.errors import InvalidInput
+from service.serving.dataplane import SMALL_OUTPUT_VALUES, check_outputs
 from tests.helpers import LiveServer, grpc_infer_request
 
 PREDICT = "/v1/models/tiny/predict"
@@ -476,3 +481,21 @@ def test_bad_grpc_calls_get_a_clear_code_and_the_service_carries_on(
         assert ".py" not in details
         answer = send(_grpc_infer(), timeout=HANG_GUARD_S)  # the next good call is answered
         assert len(answer) > 0
+
+
+@pytest.mark.parametrize("rows", [1, SMALL_OUTPUT_VALUES])  # checked in Python, with numpy
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_an_answer_past_float_range_is_refused_naming_its_row(rows: int, bad: float) -> None:
+    model = SimpleNamespace(config=SimpleNamespace(name="m"))
+    outputs = {
+        "mean": torch.zeros(rows, 2, dtype=torch.float64),
+        "score": torch.zeros(rows),
+        "flagged": torch.zeros(rows, dtype=torch.bool),
+        "samples": torch.full((3, rows, 2), math.nan),  # finite where its mean is: not read
+    }
+    check_outputs(model, outputs)  # type: ignore[arg-type]
+    for name, at in (("mean", (rows - 1, 1)), ("score", (rows - 1,))):
+        outputs[name][at] = bad
+        with pytest.raises(InvalidInput, match=rf"for rows \[{rows - 1}\]"):
+            check_outputs(model, outputs)  # type: ignore[arg-type]
+        outputs[name][at] = 0.0

@@ -15,8 +15,11 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.core.repository import load_model
+from service.serving.gather import Gathered
+from service.serving.metrics import Metrics
 from service.serving.observe import LOGGER, BatchedStdout, fresh_id
 from service.settings import Settings
 from tests.helpers import LiveServer, live_server, scrape
@@ -181,6 +184,55 @@ def test_stdout_lines_are_gathered_on_the_loop_and_written_together(
         assert ours(capsys.readouterr().out) == ["outside any loop"]
     finally:
         logger.removeHandler(handler)
+
+
+def test_gathered_items_are_handed_over_together_after_the_delay() -> None:
+    handed: list[list[int]] = []
+    gathered = Gathered(handed.append, delay_s=0.05)
+
+    async def burst() -> tuple[list[list[int]], list[list[int]]]:
+        for i in range(3):
+            gathered.add(i)
+        at_once = list(handed)
+        await asyncio.sleep(0.2)
+        return at_once, list(handed)
+
+    at_once, later = asyncio.run(burst())
+    assert at_once == []
+    assert later == [[0, 1, 2]]
+    gathered.add(3)  # no loop in this thread: nothing would hand it over later
+    assert handed == [[0, 1, 2], [3]]
+
+    async def flushed() -> list[list[int]]:
+        gathered.add(4)
+        gathered.flush()
+        return list(handed)
+
+    assert asyncio.run(flushed())[-1] == [4]
+
+
+def test_a_scrape_sees_every_observation_made_before_it() -> None:
+    """Observations wait for their fold; anything reading the registry folds first."""
+    metrics = Metrics()
+
+    async def observed() -> tuple[float | None, bytes]:
+        metrics.observe_batch("m", 3, 5, 0.002)
+        metrics.add(metrics.rejected, ("m", "overloaded"))
+        seen = metrics.registry.get_sample_value("dropout_batch_rows_sum", {"model": "m"})
+        metrics.observe_batch("m", 1, 2, 0.001)
+        return seen, metrics.exposition()
+
+    seen, text = asyncio.run(observed())
+    assert seen == 5
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+    }
+    assert samples[("dropout_batch_rows_sum", (("model", "m"),))] == 7
+    assert samples[("dropout_batch_requests_count", (("model", "m"),))] == 2
+    rejected = (("model", "m"), ("reason", "overloaded"))
+    assert samples[("dropout_inference_rejected_requests_total", rejected)] == 1
 
 
 def send_and_hang_up(url: str, path: str, body: bytes, *, send: int, wait_s: float) -> None:

@@ -27,7 +27,7 @@ class Admission:
         told to stop and the slot held until it has (``jobs.JobRunner.run``)."""
         count = self.metrics.pending_count(model)
         if count.value >= self.max_pending:
-            self.metrics.child(self.metrics.rejected, model, "overloaded").inc()
+            self.metrics.add(self.metrics.rejected, (model, "overloaded"))
             raise Overloaded(
                 f"model {model!r} has {self.max_pending} requests in progress; retry later"
             )
@@ -39,7 +39,7 @@ class Admission:
         except TimeoutError:
             if not deadline.expired():
                 raise
-            self.metrics.child(self.metrics.rejected, model, "deadline").inc()
+            self.metrics.add(self.metrics.rejected, (model, "deadline"))
             raise DeadlineExceeded(
                 f"model {model!r} did not answer within {self.timeout_s:g} s"
             ) from None

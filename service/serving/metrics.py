@@ -9,18 +9,17 @@ up all of them.
 from __future__ import annotations
 
 import os
-from typing import TypeVar
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from torch import Tensor
 
 from service.core.model import ModelConfig
+from service.serving.gather import Gathered
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
-
-M = TypeVar("M", bound=MetricWrapperBase)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Queue waits and forward passes start far below a millisecond.
@@ -61,15 +60,44 @@ class LiveCount:
             self._gauge.dec()
 
 
+def _apply(updates: list[tuple[Callable[[float], None], float]]) -> None:
+    for update, value in updates:
+        update(value)
+
+
+class _FoldFirst:
+    """Registered before every collector: whatever reads the registry (a scrape,
+    ``get_sample_value``) folds the waiting observations first, and sees all of them."""
+
+    def __init__(self, fold: Callable[[], None]) -> None:
+        self._fold = fold
+
+    def collect(self) -> list[Metric]:
+        self._fold()
+        return []
+
+
 class Metrics:
-    """The service's collectors, registered on their own registry (no global state)."""
+    """The service's collectors, registered on their own registry (no global state).
+
+    Observations wait up to ``FOLD_S`` before they reach their collectors, and are folded
+    in together (``gather.Gathered``): a scrape, or anything else reading the registry,
+    folds first, so it sees every request answered before it. In multiprocess mode another
+    worker's file lags its requests by ``FOLD_S`` at most.
+    """
+
+    #: Seconds an observation may wait for its collector.
+    FOLD_S = 0.05
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         # Multiprocess mode, read once: the live gauges, the scrape and the shutdown agree.
         self._shared = bool(os.environ.get(MULTIPROC_DIR))
         self._live: dict[str, LiveCount] = {}
-        self._children: dict[tuple[int, tuple[str, ...]], object] = {}
+        # Observations wait here for the next fold (``add``), each as its collector's update.
+        self._updates: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
+        self._later: Gathered[tuple[Callable[[float], None], float]] = Gathered(_apply, self.FOLD_S)
+        self.registry.register(_FoldFirst(self.fold))  # first: it runs before the others
         # gRPC calls count here too (protocol "grpc": gRPC rides HTTP/2), with the full
         # method as endpoint and the status code's name as status.
         labels = ("protocol", "method", "endpoint", "model", "status")
@@ -184,13 +212,16 @@ class Metrics:
     def exposition(self) -> bytes:
         """The Prometheus text of this app, or of every worker in multiprocess mode."""
         if self._shared:
+            self.fold()  # this worker's file: the others fold on their own
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
 
     def close(self) -> None:
-        """At a worker's shutdown: its live gauges leave the sums of the other workers."""
+        """At a worker's shutdown: its last observations are folded in, and its live gauges
+        leave the sums of the other workers."""
+        self.fold()
         if self._shared:
             mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
@@ -201,14 +232,20 @@ class Metrics:
             live = self._live[model] = LiveCount(self.pending.labels(model), self._shared)
         return live
 
-    def child(self, metric: M, *values: str) -> M:
-        """``metric.labels(*values)``, memoised: label sets here are bounded (route templates,
-        served models, statuses), and ``labels`` costs several times the update itself."""
-        key = (id(metric), values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child  # type: ignore[return-value]
+    def add(self, metric: Counter | Histogram, labels: tuple[str, ...], value: float = 1) -> None:
+        """Count ``value`` (a Counter) or observe it (a Histogram) under ``labels``, at the
+        next fold: within ``FOLD_S``, and before anything reads the registry."""
+        key = (id(metric), labels)
+        update = self._updates.get(key)
+        if update is None:  # ``labels`` costs several times the update: label sets here are
+            child = metric.labels(*labels)  # bounded (routes, models, statuses), so memoised
+            update = child.inc if isinstance(child, Counter) else child.observe
+            self._updates[key] = update
+        self._later.add((update, value))
+
+    def fold(self) -> None:
+        """Hand every observation made so far to its collector."""
+        self._later.flush()
 
     def observe_request(
         self, protocol: str, method: str, endpoint: str, model: str, status: str, seconds: float
@@ -217,32 +254,29 @@ class Metrics:
         endpoint template (gRPC: the full method), model (a served model's name, else "")
         and status (gRPC: the code's name)."""
         labels = (protocol, method, endpoint, model, status)
-        self.child(self.requests, *labels).inc()
-        self.child(self.latency, *labels).observe(seconds)
+        self.add(self.requests, labels)
+        self.add(self.latency, labels, seconds)
 
     def observe_mc(
         self, config: ModelConfig, n_samples: int, compute_s: float, outputs: dict[str, Tensor]
     ) -> None:
         """One MC answer: its passes, its compute time, and per row the spread it served
         (std or mutual information) and its out-of-distribution score."""
-        name = config.name
-        self.child(self.mc_samples, name).observe(n_samples)
-        self.child(self.compute, name, "mc").observe(compute_s)
+        name = (config.name,)
+        self.add(self.mc_samples, name, n_samples)
+        self.add(self.compute, (config.name, "mc"), compute_s)
         if config.task == "regression":
-            spread = self.child(self.mc_std, name)
-            values = outputs["std"]
+            spread, values = self.mc_std, outputs["std"]
         else:
-            spread = self.child(self.mc_mutual_information, name)
-            values = outputs["mutual_information"]
+            spread, values = self.mc_mutual_information, outputs["mutual_information"]
         for v in values.reshape(-1).tolist():
-            spread.observe(v)
+            self.add(spread, name, v)
         scores = outputs.get("ood_score")
         if scores is not None:
-            ood = self.child(self.ood_score, name)
             for v in scores.tolist():
-                ood.observe(v)
+                self.add(self.ood_score, name, v)
 
     def observe_batch(self, model: str, requests: int, rows: int, compute_s: float) -> None:
-        self.child(self.batch_requests, model).observe(requests)
-        self.child(self.batch_rows, model).observe(rows)
-        self.child(self.compute, model, "eval").observe(compute_s)
+        self.add(self.batch_requests, (model,), requests)
+        self.add(self.batch_rows, (model,), rows)
+        self.add(self.compute, (model, "eval"), compute_s)

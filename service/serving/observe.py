@@ -8,7 +8,6 @@ the record held in a context variable: the data plane needs no handle on the pro
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -16,12 +15,15 @@ import os
 import re
 import secrets
 import sys
+import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from service.serving.gather import Gathered
 
 if TYPE_CHECKING:
     from service.serving.metrics import Metrics
@@ -71,45 +73,51 @@ def annotate(**fields: Any) -> None:
         record.update(fields)
 
 
+#: An access line not yet formatted: its time (``time.time()``), request id and fields.
+_Pending = tuple[float, str, dict[str, Any]]
+
+
+def _access_line(ts: float, request_id: str, fields: dict[str, Any]) -> str:
+    line = {
+        "ts": datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds"),
+        "request_id": request_id,
+        **fields,
+    }
+    return orjson.dumps(line).decode()
+
+
 class BatchedStdout(logging.Handler):
     """Writes each record's message as a line on stdout, gathered for ``FLUSH_S`` seconds.
 
     A write and flush per request cost more than the forward pass of a small model under
     load (docs/benchmarks.md); this handler holds the lines of one short window and writes
-    them at once, from the event loop, so a line trails its response by ``FLUSH_S`` at most.
-    Outside an event loop (and at interpreter exit, via ``logging.shutdown``) it writes
-    at once.
+    them at once, from the event loop (``gather.Gathered``), so a line trails its response
+    by ``FLUSH_S`` at most. Access lines come unformatted and are formatted when written,
+    all in a row. Outside an event loop (and at interpreter exit, via ``logging.shutdown``)
+    it writes at once.
     """
 
     FLUSH_S = 0.05
 
     def __init__(self) -> None:
         super().__init__()
-        self._lines: list[str] = []
-        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush awaits on
+        self._lines: Gathered[str | _Pending] = Gathered(self._write, self.FLUSH_S)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.add(record.getMessage())
 
-    def add(self, line: str) -> None:
-        """Gather ``line`` for the next flush."""
-        self._lines.append(line)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop in this thread: nothing would flush later
-            self.flush()
-            return
-        if self._flush_on is not loop:  # none pending, or pending on a loop since stopped
-            self._flush_on = loop
-            loop.call_later(self.FLUSH_S, self.flush)
+    def add(self, line: str | _Pending) -> None:
+        """Gather ``line``, or an access line's parts, for the next flush."""
+        self._lines.add(line)
 
     def flush(self) -> None:
-        with self.lock or contextlib.nullcontext():
-            self._flush_on = None
-            if self._lines:
-                lines, self._lines = self._lines, []
-                sys.stdout.write("\n".join(lines) + "\n")
-                sys.stdout.flush()
+        self._lines.flush()
+
+    @staticmethod
+    def _write(lines: list[str | _Pending]) -> None:
+        text = "\n".join(line if isinstance(line, str) else _access_line(*line) for line in lines)
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 def flush_access_log() -> None:
@@ -141,23 +149,21 @@ def record() -> Iterator[dict[str, Any]]:
 
 
 def write_access_line(request_id: str, fields: dict[str, Any]) -> None:
-    """Write one request's JSON line: its time, its id, then ``fields``."""
+    """Write one request's JSON line: its time, its id, then ``fields`` (not to be changed
+    afterwards: the line may be formatted later)."""
     if not log.isEnabledFor(logging.INFO):
         return
-    line = {
-        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "request_id": request_id,
-        **fields,
-    }
-    message = orjson.dumps(line).decode()
+    now = time.time()
     only = log.handlers[0] if len(log.handlers) == 1 and not log.filters else None
     if type(only) is BatchedStdout and not only.filters and only.level <= logging.INFO:
-        # The line goes to our handler alone, which reads nothing else of a record: building
-        # one (pid, thread, time...) would cost as much again as the line.
-        only.add(message)
+        # The line goes to our handler alone, which formats it when it writes and reads
+        # nothing else of a record: building one (pid, thread, time...) would cost as much
+        # again as the line.
+        only.add((now, request_id, fields))
         return
     # makeRecord + handle is log.info without findCaller's walk up the stack: the caller
     # is always this line.
+    message = _access_line(now, request_id, fields)
     log.handle(log.makeRecord(LOGGER, logging.INFO, __file__, 0, message, (), None))
 
 
