@@ -134,7 +134,9 @@ async def variants() -> tuple[list[Variant], list[asyncio.Task[None]]]:
     no_metrics(uncounted.state.plane.metrics)  # type: ignore[attr-defined]
     passless, f = await started(Settings(**base))
     answer = torch.zeros(1, 1)
-    passless.state.plane.model("concrete").engine.predict = lambda _: answer  # type: ignore[attr-defined]
+    passless_engine = passless.state.plane.model("concrete").engine  # type: ignore[attr-defined]
+    passless_engine.predict = lambda *_: answer
+    passless_engine.predict_block = lambda *_: answer
     engine = service.state.plane.model("concrete").engine  # type: ignore[attr-defined]
     x = torch.tensor([ROW])
 

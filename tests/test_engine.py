@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from service.core.engine import MLPEngine, entropy
-from service.core.model import ModelConfig
+from service.core.model import ModelConfig, Standardization
 from service.core.repository import load_model, read_weights
 from tests.helpers import (
     ROOT,
@@ -161,3 +162,62 @@ def test_shipped_models_answer_as_the_plain_module(name: str) -> None:
     tensors = read_weights(model.path, model.config)
     x = inputs(model.config, rows=64, seed=1) * 3 + 1
     assert torch.equal(model.engine.predict(x), reference_eval(model.config, tensors, x))
+
+
+def few_row_cases() -> list[tuple[str, ModelConfig, dict[str, torch.Tensor]]]:
+    """Engines whose few-row eval standardises in Python, and two that must not."""
+    one = deep_regression_config(
+        input_dim=1,
+        input_standardization=Standardization(mean=[3.0], std=[0.1]),
+        target_standardization=Standardization(mean=[1e3, -2.0], std=[1e-3, 7.0]),
+    )
+    extreme = deep_regression_config(  # sums that overflow, quotients below float32's normals
+        input_standardization=Standardization(
+            mean=[-3e38, 0.0, 1e-30, 5.0], std=[1.0, 1e30, 3.0, 7e-3]
+        ),
+        target_standardization=Standardization(mean=[3e38, 0.0], std=[1e30, 1e-30]),
+    )
+    zeroed = deep_regression_config(  # float32 makes this std 0: division stays in torch
+        input_standardization=Standardization(mean=[0.0] * 4, std=[1.0, 1e-50, 1.0, 1.0]),
+    )
+    named = [("tiny", *cases()[0]), ("deep", *cases()[1]), ("clf", *cases()[2])]
+    named += [("vanilla", *cases()[3]), ("one input", one, random_tensors(one, 4))]
+    named += [("extreme", extreme, random_tensors(extreme, 5))]
+    named += [("zeroed std", zeroed, random_tensors(zeroed, 6))]
+    concrete = load_model(ROOT / "models" / "concrete")
+    return [
+        *named,
+        ("concrete", concrete.config, read_weights(ROOT / "models" / "concrete", concrete.config)),
+    ]
+
+
+def awkward_rows(rows: int, width: int, seed: int) -> torch.Tensor:
+    """Rows over float32's whole range: subnormals, signed zeros, the largest values."""
+    g = torch.Generator().manual_seed(seed)
+    magnitude = 10.0 ** (torch.rand(rows, width, generator=g, dtype=torch.float64) * 86 - 45)
+    x = (torch.randn(rows, width, generator=g, dtype=torch.float64) * magnitude).float()
+    x[0, 0], x[-1, -1] = -0.0, 3.4e38
+    return x
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "tensors"), few_row_cases(), ids=lambda c: c if isinstance(c, str) else ""
+)
+def test_a_few_rows_in_python_give_the_bits_of_the_padded_torch_pass(
+    name: str, config: ModelConfig, tensors: dict[str, torch.Tensor]
+) -> None:
+    """``predict_block`` standardises a few rows in Python (each float32 operation rounded
+    once, as torch's kernels round it): the same bits as ``predict`` over the zero-padded
+    block, at every row count up to the block, over the whole float32 range."""
+    engine = MLPEngine(config, tensors)
+    assert engine._few_in_python == (name != "zeroed std")
+    block = 16
+    for rows in range(1, block + 1):
+        for seed, x in enumerate(
+            (inputs(config, rows, seed=rows), awkward_rows(rows, config.input_dim, rows))
+        ):
+            padded = engine.predict(F.pad(x, (0, 0, 0, block - rows)))[:rows]
+            few = engine.predict_block(x, block)
+            assert few.dtype == padded.dtype
+            assert few.shape == padded.shape
+            assert few.numpy().tobytes() == padded.numpy().tobytes(), (name, rows, seed)

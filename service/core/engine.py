@@ -17,9 +17,12 @@ Contracts (see DESIGN.md):
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import math
+import operator
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -41,6 +44,10 @@ MC_CHUNK_ELEMENTS = 1 << 21
 #: Most activation elements of one tile: the unit of MC work one thread computes. Like the
 #: chunk, it fixes the shape of every matrix product, so it is part of what a seed means.
 MC_TILE_ELEMENTS = 1 << 16
+
+#: Eval passes of at most this many input values (rows x input width) standardise their
+#: rows in Python (``MLPEngine.predict_block``).
+FEW_VALUES = 256
 
 #: Computes ``fn`` over tiles and yields the results in order: ``map``, or a thread pool's.
 TileMap = Callable[[Callable[[int], Tensor], Iterable[int]], Iterator[Tensor]]
@@ -93,6 +100,15 @@ def activation_fn(act: Activation) -> Callable[[Tensor], Tensor]:
         case "elu":
             return functools.partial(F.elu_, alpha=1.0 if act.alpha is None else act.alpha)
     return _identity
+
+
+def _tensor(values: array[float], rows: int) -> Tensor:
+    """A fresh float32 tensor of ``rows`` rows holding ``values``: made by torch's allocator
+    (aligned as every tensor the engine computes on) and filled in one copy, where
+    ``torch.tensor`` of lists stores value by value."""
+    t = torch.empty((rows, len(values) // rows), dtype=torch.float32)
+    ctypes.memmove(t.data_ptr(), values.buffer_info()[0], len(values) * values.itemsize)
+    return t
 
 
 def _identity(h: Tensor) -> Tensor:
@@ -362,6 +378,14 @@ class MLPEngine:
         self._mc_width = max(config.widths[self._first_dropout :])  # widest MC activation
         self._x_norm = self._affine(config.input_standardization)
         self._y_norm = self._affine(config.target_standardization)
+        # The same transforms as Python floats, for predict_block's few rows: its Python
+        # division must never meet a std that float32 made 0 (torch's would give inf).
+        x_lists = None if self._x_norm is None else [t.tolist() for t in self._x_norm]
+        self._x_lists = x_lists
+        self._y_lists = None if self._y_norm is None else [t.tolist() for t in self._y_norm]
+        self._few_in_python = self._on_cpu and (x_lists is None or all(x_lists[1]))
+        zero = [[0.0] * config.input_dim]  # a padding row, standardised
+        self._zero_row = self._standardized(zero) if self._few_in_python else array("f")
 
     def _host(self, t: Tensor) -> Tensor:
         """``t`` on the host: itself on a CPU engine (``.cpu()`` is a torch call)."""
@@ -422,6 +446,10 @@ class MLPEngine:
         if self._x_norm is not None:
             mean, std = self._x_norm
             h = (h - mean) / std
+        return self._first_layers(h)
+
+    def _first_layers(self, h: Tensor) -> Tensor:
+        """The layers before the first dropout, of standardised rows."""
         for i in range(self._first_dropout):
             h = self._linear(i, h)
         return h
@@ -445,13 +473,57 @@ class MLPEngine:
     def predict(self, x: Tensor) -> Tensor:
         """Eval-mode outputs ``(B, out)``: no dropout, no random numbers."""
         with one_thread():
-            h = self._prefix(x)
-            for i in range(self._first_dropout, len(self._layers)):
-                p = self._p[i]
-                if p > 0 and self.config.dropout_scaling == "vanilla":
-                    h = h * (1.0 - p)
-                h = self._linear(i, h)
-            return self._host(self._head(h))
+            return self._host(self._head(self._eval_layers(self._prefix(x))))
+
+    def predict_block(self, x: Tensor, block_rows: int) -> Tensor:
+        """``predict`` of ``x``'s rows zero-padded to ``block_rows`` rows, the padding's
+        outputs left out: ``(rows, out)`` for ``rows <= block_rows``.
+
+        A few rows (``FEW_VALUES``) on the CPU are standardised in Python, and a regression
+        target's transform undone in Python: the same bits as ``predict`` (each is one
+        float32 subtraction, division, multiplication or addition, rounded once: computed
+        on float32 values in double precision and rounded to float32, it comes out
+        correctly rounded, as 53 bits >= 2 x 24 + 2). The padded block is then written into
+        a tensor in one copy. On a served one-row request this saves the torch calls of the
+        padding and the transforms, whose code is cold each time (docs/benchmarks.md,
+        "Where a one-client request's time goes"). No inference mode here: no tensor of this
+        pass requires a gradient, so autograd records nothing anyway.
+        """
+        rows = len(x)
+        if not (self._few_in_python and x.dtype == torch.float32 and x.numel() <= FEW_VALUES):
+            return self.predict(F.pad(x, (0, 0, 0, block_rows - rows)))[:rows]
+        values = self._standardized(x.tolist())
+        values += self._zero_row * (block_rows - rows)
+        with one_thread():
+            y = self._eval_layers(self._first_layers(_tensor(values, block_rows)))
+            if self.config.task == "classification" or self._y_lists is None:
+                return self._head(y)[:rows]
+        mean, std = self._y_lists
+        answers = array("f")
+        for row in y.tolist()[:rows]:
+            answers.extend(map(operator.add, array("f", map(operator.mul, row, std)), mean))
+        return _tensor(answers, rows)
+
+    def _standardized(self, rows: list[list[float]]) -> array[float]:
+        """``(x - mean) / std`` of float32 rows, in Python, as one float32 array."""
+        values = array("f")
+        if self._x_lists is None:
+            for row in rows:
+                values.extend(row)
+            return values
+        mean, std = self._x_lists
+        for row in rows:
+            values.extend(map(operator.truediv, array("f", map(operator.sub, row, mean)), std))
+        return values
+
+    def _eval_layers(self, h: Tensor) -> Tensor:
+        """The layers from the first dropout on, in eval mode."""
+        for i in range(self._first_dropout, len(self._layers)):
+            p = self._p[i]
+            if p > 0 and self.config.dropout_scaling == "vanilla":
+                h = h * (1.0 - p)
+            h = self._linear(i, h)
+        return h
 
     # -- Monte Carlo -----------------------------------------------------------------------
 

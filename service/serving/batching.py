@@ -47,7 +47,7 @@ def blocked_predict(engine: MLPEngine, x: Tensor, block_rows: int) -> Tensor:
     """``engine.predict`` over zero-padded blocks of exactly ``block_rows`` rows: ``(B, out)``."""
     rows = len(x)
     if rows <= block_rows:  # one block (the usual case): no slicing and no concatenation
-        return engine.predict(F.pad(x, (0, 0, 0, block_rows - rows)))[:rows]
+        return engine.predict_block(x, block_rows)
     outputs = []
     for start in range(0, rows, block_rows):
         part = x[start : start + block_rows]
