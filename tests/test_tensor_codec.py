@@ -127,6 +127,23 @@ def test_to_json_is_flat_and_exact() -> None:
     assert to_json(t) == [float(np.float32(0.1)), float(np.float32(0.2))]
 
 
+@pytest.mark.parametrize(
+    "t",
+    [
+        torch.randn(5, dtype=torch.float64),
+        torch.randn(3, 4),
+        torch.randn(2, 3, 4),
+        torch.rand(3, 2) > 0.5,
+    ],
+    ids=["vector", "rows", "samples", "flags"],
+)
+def test_to_json_is_row_major_with_exact_values_and_types(t: torch.Tensor) -> None:
+    values = to_json(t)
+    expected = t.numpy().reshape(-1).tolist()
+    assert values == expected
+    assert [type(v) for v in values] == [type(v) for v in expected]
+
+
 def test_decodes_the_request_tritonclient_encodes() -> None:
     config = tiny_regression_config(input_dim=3)
     x = np.array([[1.5, -2.25, 3.0], [0.1, 1e-30, -7.0]], dtype=np.float32)

@@ -146,6 +146,12 @@ def to_bytes(t: torch.Tensor) -> bytes:
 
 def to_json(t: torch.Tensor) -> list[float] | list[bool]:
     """Row-major flat values; ``tolist`` gives each float's exact double, as v1 sends it
-    (and BOOL's true and false)."""
-    values: list[float] | list[bool] = t.numpy().reshape(-1).tolist()
+    (and BOOL's true and false). Rows and vectors are flattened in Python: a numpy view
+    and its reshape cost a one-row answer more than that, their code cold on a served
+    request."""
+    if t.dim() == 2:
+        return [v for row in t.tolist() for v in row]
+    values: list[float] | list[bool] = (
+        t.tolist() if t.dim() == 1 else t.numpy().reshape(-1).tolist()
+    )
     return values
