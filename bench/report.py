@@ -386,6 +386,49 @@ def script_output(script: str, *args: str) -> str:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
+def cold_section() -> str:
+    """A small call right after other memory was read (bench/cold_calls.py), its own process."""
+    table = script_output("cold_calls.py")
+    return (
+        "\n## Where a one-client request's time goes\n\n"
+        "`python bench/cold_calls.py`: one add of 8 values through torch and through numpy, "
+        "timed right after reading so many MiB of other memory, median of 2000 trials, one "
+        "process.\n\n"
+        f"{table}{COLD_READING}"
+    )
+
+
+COLD_READING = """
+How to read it: the in-process table above prices each piece of a request hot, its code
+still in the caches from the round before. Served over HTTP to one client, the same request
+cost the server about twice that CPU time (from `/proc/PID/stat` around a wrk run), and its
+forward pass, 31 us in a loop, took 94 us among the rest of the request (timed inside the
+server). Between two of its calls the event loop, uvicorn, pydantic and the service run
+enough other code, and touch enough memory, that each distinct library call starts cold, as
+the table shows for a single add once more than the core's 2 MiB of L2 cache was read in
+between. So the last round counted calls rather than microseconds:
+
+- access lines are formatted, and metric observations folded into prometheus_client,
+  together every 50 ms (`service/serving/gather.py`; a scrape, or anything reading the
+  registry, folds first), instead of about six locked updates, an orjson and a datetime
+  call in every request;
+- a small answer is checked for NaN and infinity in Python rather than with numpy
+  (`dataplane.check_outputs`), and v2 flattens its rows in Python rather than through a
+  numpy view and reshape;
+- a few rows are standardised, and a regression target's transform undone, in Python,
+  rounding to float32 after each operation as torch's kernels do, and the padded block is
+  written into a fresh tensor in one copy: five torch calls fewer
+  (`MLPEngine.predict_block`; the same bits, tested over float32's whole range on every
+  kind of model).
+
+Side by side ("Before and after" below): eval at one client {ab_one}. Tried and dropped, for
+no change beyond the noise in interleaved runs (server pinned to one core, wrk to the
+other): one send per answer instead of two (headers held for the body), one header-deadline
+timer per connection instead of one armed and cancelled per request, and admission without
+its deadline timer (about 2%, short of paying for a timer of our own).
+"""
+
+
 def throughput_section(seconds: int) -> str:
     """Dynamic batching on against off (bench/throughput.py), run as its own process."""
     table = script_output("throughput.py", "--seconds", str(seconds))
@@ -506,6 +549,7 @@ def main() -> None:
         else "**not met**",
     )
     sections = request_path_section(100 if args.quick else 300)
+    sections += cold_section()
     sections += throughput_section(2 if args.quick else 5)
     sections += tiles_section(0.5 if args.quick else 1.0)
     sections += adaptive_section()
@@ -620,7 +664,9 @@ NOTES = """
     stays, and carries the gain.)
   - **One observability middleware** (request id, Prometheus, access log) instead of two;
     memoised metric children; access lines built with orjson, without `logging`'s stack walk,
-    and written to stdout in batches every 50 ms instead of one write and flush per request.
+    and written to stdout in batches every 50 ms instead of one write and flush per request;
+    since, the lines are formatted and the metric observations folded in at that time, all
+    in a row ("Where a one-client request's time goes").
   - Earlier: `async` dependencies (no threadpool hop before the handler).
 - **Subnormal weights dropped at load.** Weight decay left 155 of the concrete model's
   weights below float32's normal range; on this Xeon a 1000x100 by 100x100 product with them
@@ -644,30 +690,19 @@ NOTES = """
 - **HTTP eval over the bare app**: the hot path skips FastAPI's machinery (about
   the bare app's whole request, see "service through FastAPI" against "service" in the
   request-path table), but what is left costs more than FastAPI did. The padded forward
-  pass (row "forward pass") is the largest piece: a dozen torch calls of a few
-  microseconds each, plus the arithmetic of the padding rows. Its block shrank from 64
-  to 16 rows, the smallest that keeps every row's bits at every position under MKL's
-  AVX-512 and AVX2 kernels here (8 and, under AVX2, 32 do not; measured with
-  `MKL_ENABLE_INSTRUCTIONS`), now checked per model at load (`batching.choose_block`):
-  one client 1627 to 1879 requests a second, 64 clients 4181 to 4412, side by side. On
-  top come the request's bookkeeping, priced by the other rows: the access line, the
-  batcher's hand-over between tasks (skipped since by a request alone on the loop: one
-  client 1804 to 2049 requests a second, `bench/ab.py --base 26389f0`), admission with
-  its deadline, the metrics, the input checks and the tensor conversion. The last round
-  took out calls that did no work (a JSON row converted in one torch call instead of four
-  numpy calls and a copy, request ids from a counter instead of the OS's random source,
-  live gauges read when scraped, no slice or `.cpu()` on a one-block pass): one client
-  2057 to 2337 requests a second, side by side ("Before and after" below). At one client
-  the server's event loop is busy the whole time: the CPU time of the server's threads
-  (`/proc/PID/task/*/stat` before and after an 8-second wrk run, over its requests) is
-  about 410 us a request (540 us before that round) against 185 us for the bare app,
-  about twice what the same code costs called in process. Meeting 0.6x at one client
-  would take some 90 us more off those 410. The rows "service, no forward pass" and
-  "service, metrics off" price the largest pieces in process: the forward pass costs
-  more among the request's other code than alone (row "forward pass"), its dozen torch
-  calls meeting cold caches, and no other piece is near that size, so what is left is
-  the forward pass and many small costs. Under load the batcher shares one pass among
-  many requests and the ratio rises (the c = 64 row).
+  pass is the largest piece: three products of a 16-row block, the smallest that keeps
+  every row's bits at every position under MKL's AVX-512 and AVX2 kernels here (8 and,
+  under AVX2, 32 do not; measured with `MKL_ENABLE_INSTRUCTIONS`), checked per model at
+  load (`batching.choose_block`). On top come the request's bookkeeping: admission with
+  its deadline, the batcher's test for a request alone on the loop, the input checks,
+  the tensor conversion, the request id, and the metrics and access line, now gathered
+  and done every 50 ms. At one client the server's event loop is busy the whole time, and
+  its calls meet cold caches ("Where a one-client request's time goes"): the rounds of
+  this issue took the server's CPU time per eval request from 540 us to about 310 us,
+  against about 180 us for the bare app. What is left is the forward pass's products
+  and activations and many small costs; no single piece is near the size of the ones
+  taken out. Under load the batcher shares one pass among many requests and the ratio
+  rises (the c = 64 row).
 - **MC over the bare app**: MC requests add the engine time itself (three masks and two
   products over T rows), which at T = 1000 is most of the request.
 - **One core per pass**: the engine tables give torch all cores (`--threads`), and the

@@ -376,6 +376,7 @@ class MLPEngine:
         # Layers before the first dropout are deterministic: MC computes them once.
         self._first_dropout = next((i for i, p in enumerate(self._p) if p > 0), config.n_linear)
         self._mc_width = max(config.widths[self._first_dropout :])  # widest MC activation
+        self._row_macs = sum(a * b for a, b in itertools.pairwise(config.widths))
         self._x_norm = self._affine(config.input_standardization)
         self._y_norm = self._affine(config.target_standardization)
         # The same transforms as Python floats, for predict_block's few rows: its Python
@@ -417,8 +418,7 @@ class MLPEngine:
 
     def eval_macs(self, rows: int) -> int:
         """Multiply-adds of an eval pass over ``rows`` rows (what the data plane sizes jobs by)."""
-        w = self.config.widths
-        return rows * sum(a * b for a, b in itertools.pairwise(w))
+        return rows * self._row_macs
 
     def mc_macs(self, rows: int, n_samples: int) -> int:
         """Multiply-adds of ``predict_mc`` (a mask element counted as one): the prefix once,
@@ -489,7 +489,7 @@ class MLPEngine:
         "Where a one-client request's time goes"). No inference mode here: no tensor of this
         pass requires a gradient, so autograd records nothing anyway.
         """
-        rows = len(x)
+        rows = x.shape[0]
         if not (self._few_in_python and x.dtype == torch.float32 and x.numel() <= FEW_VALUES):
             return self.predict(F.pad(x, (0, 0, 0, block_rows - rows)))[:rows]
         values = self._standardized(x.tolist())

@@ -45,7 +45,7 @@ Runner = Callable[[Work[Tensor], int], Awaitable[Ran[Tensor]]]
 
 def blocked_predict(engine: MLPEngine, x: Tensor, block_rows: int) -> Tensor:
     """``engine.predict`` over zero-padded blocks of exactly ``block_rows`` rows: ``(B, out)``."""
-    rows = len(x)
+    rows = x.shape[0]  # len() of a tensor goes through torch's Python layer
     if rows <= block_rows:  # one block (the usual case): no slicing and no concatenation
         return engine.predict_block(x, block_rows)
     outputs = []
@@ -107,6 +107,7 @@ def _alone_on_loop() -> bool:
 @dataclass
 class _Pending:
     x: Tensor  # (rows, in)
+    rows: int
     future: asyncio.Future[Ran[Tensor]]
     enqueued: float
 
@@ -157,12 +158,13 @@ class EvalBatcher:
     async def predict(self, x: Tensor) -> Ran[Tensor]:
         """Eval outputs for ``x (rows, in)``, bit-identical to ``blocked_predict`` alone; timed
         from this request's arrival, ``shared`` by the requests of its batch."""
-        if self._alone(len(x)):
-            ran = await self._compute(x)  # inline: computed without yielding to the loop
-            self._metrics.observe_batch(self.name, 1, len(x), ran.compute_s)
+        rows = x.shape[0]
+        if self._alone(rows):
+            ran = await self._compute(x, rows)  # inline: computed without yielding to the loop
+            self._metrics.observe_batch(self.name, 1, rows, ran.compute_s)
             return ran
         future: asyncio.Future[Ran[Tensor]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(x, future, time.perf_counter()))
+        self._pending.append(_Pending(x, rows, future, time.perf_counter()))
         self._wakeup.set()
         if self._worker is None or self._worker.done():
             # A fresh context: the worker outlives the request that happened to start it.
@@ -197,7 +199,7 @@ class EvalBatcher:
     async def _fill(self) -> None:
         """Wait until the batch is full or the first request has waited ``max_delay_s``."""
         deadline = self._pending[0].enqueued + self.max_delay_s
-        while sum(len(p.x) for p in self._pending) < self.max_rows:
+        while sum(p.rows for p in self._pending) < self.max_rows:
             left = deadline - time.perf_counter()
             if left <= 0:
                 return
@@ -217,10 +219,10 @@ class EvalBatcher:
             if p.future.done():
                 self._pending.popleft()
                 continue
-            if batch and rows + len(p.x) > self.max_rows:
+            if batch and rows + p.rows > self.max_rows:
                 break
             batch.append(self._pending.popleft())
-            rows += len(p.x)
+            rows += p.rows
         return batch
 
     def _alone(self, rows: int) -> bool:
@@ -237,16 +239,17 @@ class EvalBatcher:
     def _macs(self, rows: int) -> int:
         return padded_macs(self.engine, rows, self.block_rows)
 
-    def _compute(self, x: Tensor) -> Awaitable[Ran[Tensor]]:
+    def _compute(self, x: Tensor, rows: int) -> Awaitable[Ran[Tensor]]:
         return self._run(
-            lambda _: blocked_predict(self.engine, x, self.block_rows), self._macs(len(x))
+            lambda _: blocked_predict(self.engine, x, self.block_rows), self._macs(rows)
         )
 
     async def _forward(self, batch: list[_Pending]) -> None:
         x = batch[0].x if len(batch) == 1 else torch.cat([p.x for p in batch])  # (rows, in)
+        rows = sum(p.rows for p in batch)
         self._forwarding = True
         try:
-            ran = await self._compute(x)
+            ran = await self._compute(x, rows)
         except Exception as exc:  # the engine's error belongs to every request of the batch
             for p in batch:
                 if not p.future.done():
@@ -254,13 +257,12 @@ class EvalBatcher:
             return
         finally:
             self._forwarding = False
-        self._metrics.observe_batch(self.name, len(batch), len(x), ran.compute_s)
+        self._metrics.observe_batch(self.name, len(batch), rows, ran.compute_s)
         offset = 0
         for p in batch:
-            rows = len(p.x)
             if not p.future.done():
-                part = ran.result[offset : offset + rows]
+                part = ran.result[offset : offset + p.rows]
                 p.future.set_result(
                     dataclasses.replace(ran, result=part, queued=p.enqueued, shared=len(batch))
                 )
-            offset += rows
+            offset += p.rows

@@ -526,7 +526,7 @@ class DataPlane:
                     ran = await self._batcher(model).predict(x)
                 else:
                     ran = await self._eval(model, x)
-                    self.metrics.observe_batch(model.config.name, 1, len(x), ran.compute_s)
+                    self.metrics.observe_batch(model.config.name, 1, x.shape[0], ran.compute_s)
             finally:
                 self.priority.eval_ended()
         check_outputs(model, {OUTPUT: ran.result})
@@ -536,7 +536,7 @@ class DataPlane:
     async def _eval(self, model: LoadedModel, x: torch.Tensor) -> Ran[torch.Tensor]:
         """One eval job over zero-padded blocks, as a batch of one."""
         block = self.block_rows(model)
-        macs = padded_macs(model.engine, len(x), block)
+        macs = padded_macs(model.engine, x.shape[0], block)
         return await self.jobs.run(lambda _: blocked_predict(model.engine, x, block), macs, "eval")
 
     async def _mc(
@@ -550,12 +550,12 @@ class DataPlane:
     ) -> Ran[MCResult]:
         """One MC job (its answer unchecked: the caller checks what it sends)."""
         engine = model.engine
-        macs = engine.mc_macs(len(x), n)  # an adaptive job is sized by its cap
+        macs = engine.mc_macs(x.shape[0], n)  # an adaptive job is sized by its cap
         async with self.priority.mc_turn() as waited:  # eval first
             if waited is not None:
                 annotate(priority_wait_ms=round(waited * 1000, 3))
             inline = self.jobs.inline(macs) or self._alone(macs)
-            tiles = map if inline else self.jobs.tile_map(engine.tile_macs(len(x), n))
+            tiles = map if inline else self.jobs.tile_map(engine.tile_macs(x.shape[0], n))
 
             def work(stopped: Callable[[], bool]) -> MCResult:
                 return engine.predict_mc(
