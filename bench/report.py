@@ -372,7 +372,7 @@ at no measured cost, so the service runs on it (`uvicorn_options` in
 """
 
 
-AB_HEADING = """## Before and after: fewer calls per request
+AB_HEADING = """## Before and after: calls that start cold
 
 `bench/ab.py` serves the shipped concrete model from a worktree of an earlier commit and from
 this checkout, one uvicorn worker each, and measures them with wrk in turns. It is run by
@@ -421,7 +421,9 @@ between. So the last round counted calls rather than microseconds:
   (`MLPEngine.predict_block`; the same bits, tested over float32's whole range on every
   kind of model).
 
-Side by side ("Before and after" below): eval at one client {ab_one}. Tried and dropped, for
+Side by side ("Before and after" below): eval at one client 1.32x the requests a second of
+the session's start (v1 2481 to 3275), the server's CPU time per request from about 410 us
+to about 310 us. Tried and dropped, for
 no change beyond the noise in interleaved runs (server pinned to one core, wrk to the
 other): one send per answer instead of two (headers held for the body), one header-deadline
 timer per connection instead of one armed and cancelled per request, and admission without
