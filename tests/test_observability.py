@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.core.repository import load_model
 from service.serving.gather import Gathered
 from service.serving.metrics import Metrics
-from service.serving.observe import LOGGER, BatchedStdout, fresh_id
+from service.serving.observe import LOGGER, BatchedStdout, fresh_id, write_access_line
 from service.settings import Settings
 from tests.helpers import LiveServer, live_server, scrape
 
@@ -184,6 +185,37 @@ def test_stdout_lines_are_gathered_on_the_loop_and_written_together(
         assert ours(capsys.readouterr().out) == ["outside any loop"]
     finally:
         logger.removeHandler(handler)
+
+
+def test_an_access_line_formatted_when_written_carries_its_time_id_and_fields(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On the service's own handler alone, an access line is formatted at the flush, from
+    the time it was answered."""
+    log = logging.getLogger(LOGGER)
+    handlers, level = log.handlers[:], log.level
+    log.handlers = [BatchedStdout()]
+    log.setLevel(logging.INFO)
+    fields = {"protocol": "http", "status": 200, "latency_ms": 1.5, "model": "m"}
+    try:
+
+        async def answered() -> tuple[str, float]:
+            write_access_line("rid-1", fields)
+            at = time.time()
+            written_at_once = capsys.readouterr().out
+            await asyncio.sleep(BatchedStdout.FLUSH_S * 4)
+            assert not [line for line in written_at_once.splitlines() if "rid-1" in line]
+            return capsys.readouterr().out, at
+
+        out, at = asyncio.run(answered())
+    finally:
+        log.handlers, log.level = handlers, level
+    (line,) = [json.loads(line) for line in out.splitlines() if "rid-1" in line]
+    assert list(line)[:2] == ["ts", "request_id"]
+    assert line["request_id"] == "rid-1"
+    assert {k: line[k] for k in fields} == fields
+    ts = datetime.fromisoformat(line["ts"]).timestamp()
+    assert at - 1 < ts <= at + 0.001  # the time it was answered, not the time it was written
 
 
 def test_gathered_items_are_handed_over_together_after_the_delay() -> None:
