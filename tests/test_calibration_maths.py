@@ -20,9 +20,12 @@ from service.core.calibration import (
     prediction_set_mask,
     scale_probabilities,
 )
-from service.core.engine import ADAPTIVE_FIRST_STAGE, MLPEngine, mc_stages
+from service.core.engine import ADAPTIVE_FIRST_STAGE, MCResult, MLPEngine, mc_stages
+from service.core.model import ModelConfig
+from service.core.repository import load_model
 from service.offline.evaluation import fit_precision, mc_log_likelihood
-from tests.helpers import deep_regression_config, inputs, random_tensors
+from service.serving.outputs import _few_mc_outputs, _mc_outputs, mc_outputs
+from tests.helpers import ROOT, classifier_config, deep_regression_config, inputs, random_tensors
 
 
 def test_conformal_quantile_is_the_finite_sample_order_statistic() -> None:
@@ -183,3 +186,61 @@ def test_a_loose_target_stops_after_the_first_stage() -> None:
     engine, x = _engine()
     result = engine.predict_mc(x, 1000, 7, target_se=math.inf)
     assert result.n_samples == ADAPTIVE_FIRST_STAGE
+
+
+def _few_cases() -> list[tuple[str, ModelConfig]]:
+    deep = deep_regression_config()  # 2 outputs, noise variance
+    cal = Calibration(scores=[0.5, 1.0, 2.0], held_out_rows=3, fitted_on="x")
+    return [
+        ("regression", deep),
+        ("no noise", deep_regression_config(noise_variance=None)),
+        (
+            "ood",
+            deep_regression_config(
+                calibration=cal.model_copy(update={"ood_reference": [0.3, 2.0]})
+            ),
+        ),
+        ("classification", classifier_config()),
+        (
+            "classification ood",
+            classifier_config(calibration=cal.model_copy(update={"ood_reference": [0.2]})),
+        ),
+        ("shipped", load_model(ROOT / "models" / "concrete").config),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "config"), _few_cases(), ids=lambda c: c if isinstance(c, str) else ""
+)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_a_few_mc_outputs_in_python_are_the_bits_numpy_computes(
+    name: str, config: ModelConfig, rows: int
+) -> None:
+    """Same names in the same order, dtypes, shapes and bytes, over variances from 0 to huge."""
+    g = torch.Generator().manual_seed(rows)
+    out = config.output_dim
+    magnitude = 10.0 ** (torch.rand(rows, out, generator=g, dtype=torch.float64) * 40 - 30)
+    variance = torch.rand(rows, out, generator=g, dtype=torch.float64) * magnitude
+    variance[0, 0] = 0.0
+    mi = (
+        torch.rand(rows, generator=g, dtype=torch.float64)
+        if config.task == "classification"
+        else None
+    )
+    for n in (2, 100, 997):
+        result = MCResult(
+            mean=torch.randn(rows, out, generator=g, dtype=torch.float64),
+            variance=variance,
+            samples=torch.randn(n, rows, out, generator=g) if n == 2 else None,
+            entropy=None if mi is None else mi * 2,
+            mutual_information=mi,
+            n_samples=n,
+        )
+        few = _few_mc_outputs(config, result)
+        full = _mc_outputs(config, result, None)
+        assert list(few) == list(full)
+        for key, t in full.items():
+            assert few[key].dtype == t.dtype, key
+            assert few[key].shape == t.shape, key
+            assert few[key].numpy().tobytes() == t.numpy().tobytes(), (name, key, n)
+    assert mc_outputs(config, result) is not None

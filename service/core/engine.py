@@ -490,7 +490,8 @@ class MLPEngine:
         pass requires a gradient, so autograd records nothing anyway.
         """
         rows = x.shape[0]
-        if not (self._few_in_python and x.dtype == torch.float32 and x.numel() <= FEW_VALUES):
+        few = 0 < rows and x.numel() <= FEW_VALUES
+        if not (few and self._few_in_python and x.dtype == torch.float32):
             return self.predict(F.pad(x, (0, 0, 0, block_rows - rows)))[:rows]
         values = self._standardized(x.tolist())
         values += self._zero_row * (block_rows - rows)

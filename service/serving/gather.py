@@ -1,10 +1,11 @@
 """Work a request leaves behind, gathered and done for many requests at once.
 
 A served request leaves an access line and a few metric observations. Done at once they
-cost a one-row eval request a fifth of its requests a second at one client: each is a
-little code, but its code (orjson, datetime, prometheus_client's locked updates) is cold by
-the time a request ends, and a request's whole path no longer fits the CPU's caches
-(docs/benchmarks.md, "Where a one-client request's time goes"). ``Gathered`` holds the items
+cost a one-row eval request about a tenth of its requests a second at one client (measured
+side by side with both made no-ops): each is a little code, but its code (orjson, datetime,
+prometheus_client's locked updates) is cold by the time a request ends, as a request's
+whole path does not fit the CPU's caches (docs/benchmarks.md, "Where a one-client
+request's time goes"). ``Gathered`` holds the items
 of a short window and hands them over together, from the event loop, where the same code
 then runs for a hundred items in a row.
 """

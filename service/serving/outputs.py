@@ -8,6 +8,8 @@ adds (intervals, prediction sets, out-of-distribution scores) is computed here t
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Literal
 
 import numpy as np
@@ -31,6 +33,10 @@ OUTPUT = "output"
 Method = Literal["conformal", "gaussian", "probability"]
 
 
+#: MC answers of at most this many values per summary are computed in Python.
+FEW_VALUES = 64
+
+
 def mc_outputs(
     config: ModelConfig, result: MCResult, coverage: float | None = None
 ) -> dict[str, torch.Tensor]:
@@ -38,7 +44,62 @@ def mc_outputs(
     (``samples`` float32, flags bool); with ``coverage``, the interval or prediction sets.
 
     Computed with numpy on the host (a numpy call on these few values costs a fraction of a
-    torch call, and both round every IEEE operation alike) and handed out as tensors."""
+    torch call, and both round every IEEE operation alike) and handed out as tensors; a few
+    values without coverage or temperature are computed in Python (``_few_mc_outputs``)."""
+    cal = config.calibration
+    if (
+        coverage is None
+        and result.mean.numel() <= FEW_VALUES
+        and (cal is None or cal.temperature is None or config.task == "regression")
+    ):
+        return _few_mc_outputs(config, result)
+    return _mc_outputs(config, result, coverage)
+
+
+def _few_mc_outputs(config: ModelConfig, result: MCResult) -> dict[str, torch.Tensor]:
+    """``mc_outputs`` of a few values, in Python: the same bits (a square root, a division
+    and an addition of doubles are correctly rounded in Python as in numpy), without
+    numpy's calls, whose code is cold on a served request (a one-row MC T=100 request
+    spent about a seventh of its time in them: docs/benchmarks.md, "Where a one-client
+    request's time goes")."""
+    variance = result.variance.tolist()
+    n = max(result.n_samples, 1)
+    std = [list(map(math.sqrt, row)) for row in variance]
+    outputs = {
+        "mean": result.mean,
+        "variance": result.variance,
+        "std": torch.tensor(std, dtype=torch.float64),
+        "mc_standard_error": torch.tensor(
+            [[math.sqrt(v / n) for v in row] for row in variance], dtype=torch.float64
+        ),
+    }
+    if config.noise_variance is not None:
+        noise = config.noise_variance
+        predictive = [list(map(operator.add, row, noise)) for row in variance]
+        outputs["predictive_variance"] = torch.tensor(predictive, dtype=torch.float64)
+    if result.entropy is not None and result.mutual_information is not None:
+        outputs["entropy"] = result.entropy
+        outputs["mutual_information"] = result.mutual_information
+    cal = config.calibration
+    if cal is not None and cal.ood_reference is not None:
+        if config.task == "regression":
+            stat = std
+        else:
+            assert result.mutual_information is not None
+            stat = [[v] for v in result.mutual_information.tolist()]
+        reference = cal.ood_reference
+        score = [max(map(operator.truediv, row, reference)) for row in stat]
+        outputs["ood_score"] = torch.tensor(score, dtype=torch.float64)
+        outputs["out_of_distribution"] = torch.tensor([v > 1.0 for v in score])
+    if result.samples is not None:
+        outputs["samples"] = result.samples
+    return outputs
+
+
+def _mc_outputs(
+    config: ModelConfig, result: MCResult, coverage: float | None
+) -> dict[str, torch.Tensor]:
+    """``mc_outputs`` with numpy."""
     mean, variance = result.mean.numpy(), result.variance.numpy()
     std = np.sqrt(variance)
     outputs = {"mean": result.mean, "variance": result.variance, "std": torch.from_numpy(std)}
