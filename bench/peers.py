@@ -18,7 +18,9 @@ the table shows each cell's median round.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -121,17 +123,23 @@ def started(server: str) -> Iterator[str]:
             cmd = [str(PEERS / server / "bin" / "mlserver"), "start", str(APPS / "mlserver")]
             probe = "/v2/models/concrete/ready"
     log = open(f"/tmp/peer-{server}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Its own process group: LitServe's workers outlive a stopped parent, and kept the CPU
+    # busy through the rest of a run, unless the whole group is stopped.
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         serving.wait_ready(url + probe, proc, f"{server} (see /tmp/peer-{server}.log)", 180)
         yield url
     finally:
-        proc.terminate()
-        try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # whatever of the group is left
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         log.close()
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -323,8 +325,10 @@ def serve(log: Path, *args: str, **env: str) -> Iterator[tuple[subprocess.Popen[
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DROPOUT_")}
     clean["DROPOUT_GRPC_PORT"] = "0"  # unless env or --grpc-port names one
     cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), *args]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**clean, **env}, stdout=out, stderr=out)
+    with log.open("wb") as out:  # its own process group, for the kill below
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env={**clean, **env}, stdout=out, stderr=out, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         poll_readyz(url, is_ready, proc=proc, log=log)
@@ -332,6 +336,7 @@ def serve(log: Path, *args: str, **env: str) -> Iterator[tuple[subprocess.Popen[
             every_worker_ready(url)
         yield proc, url
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        # The whole group: killed alone, the server would leave its worker processes running.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
