@@ -290,16 +290,18 @@ its answers replay, and still leads in every cell. The p99 of MLServer (computin
 event loop, parallel workers off) and of KServe v1 at T = 1000 reach seconds at 64 clients,
 as the service's did on uvloop (below).
 
-What moved the last cells past 1.5x (in the previous run eval at one client stood at
-1.26x, MC T=100 at one and eight clients at 1.40x and 1.45x, MC T=1000 at one client at
-1.30x): fewer calls per request ("Before and after" below), MC tiles kept on one thread
-where spreading them cost more than it saved ("MC tiles over threads"), and an MC job whose
-request is alone in the worker computing on the event loop rather than being handed to a
-thread (`DROPOUT_INLINE_ALONE_MAX_MACS`). The margins at one client rest on per-request
-cost: the service and the peers draw the same masks with the same torch kernel (about 7 ns
-a mask element here, most of an MC T=1000 request), and on this shared 2-core machine a
-cell moves by a few percent between runs (KServe v1's MC T=100 at one client measured 783
-to 807 requests a second across three runs of the same day).
+What moved the cells: earlier, fewer calls per request, MC tiles kept on one thread where
+spreading them cost more than it saved ("MC tiles over threads"), and an MC job whose
+request is alone in the worker computing on the event loop (`DROPOUT_INLINE_ALONE_MAX_MACS`);
+since, the calls that start cold taken out of a request ("Where a one-client request's time
+goes"). The run before this one had MC T=100 at one client at 1.49x (1188 against 796): it
+ran before the MC summaries moved to Python, and beside LitServe worker processes that an
+earlier round had left running (`bench/peers.py` now stops each server's whole process
+group). The margins at one client rest on per-request cost: the service and the peers draw
+the same masks with the same torch kernel (about 7 ns a mask element here, most of an MC
+T=1000 request), and on this shared 2-core machine a cell moves by a few percent between
+runs (KServe v1's MC T=100 at one client measured 783 to 807 requests a second across
+three runs of one day, 796 and 806 in the last two).
 
 What bounds MC under concurrency: one core's event loop, where each request's parsing,
 passes and answer run. An MC job small enough to compute on the loop costs less there than
@@ -419,7 +421,11 @@ between. So the last round counted calls rather than microseconds:
   rounding to float32 after each operation as torch's kernels do, and the padded block is
   written into a fresh tensor in one copy: five torch calls fewer
   (`MLPEngine.predict_block`; the same bits, tested over float32's whole range on every
-  kind of model).
+  kind of model);
+- a few MC summaries (std, standard error, predictive variance, OOD scores and flags) are
+  computed in Python rather than numpy (`outputs.mc_outputs`, the same bits): MC T=100 at
+  one client 1430 to 1564 requests a second, interleaved, server on one core and wrk on
+  the other (its CPU time per request 696 to 632 us).
 
 Side by side ("Before and after" below): eval at one client 1.32x the requests a second of
 the session's start (v1 2481 to 3275), the server's CPU time per request from about 410 us
