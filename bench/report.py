@@ -339,8 +339,8 @@ served, each job's successor starting no sooner than its own time divided by the
 eval keeps most of the loop: the targets, eval's latency at most 2x and its throughput at
 least half of alone, are **met** in the table above (p50 and p99 ratios, requests a second
 ratio). MC still progresses, at about three quarters of its former rate in this run, its
-latency bounded by its turn (no starvation either way). The share is a setting: 1 turns the priority off, a larger
-share moves throughput back to MC.
+latency bounded by its turn (no starvation either way). The share is a setting: 1 turns the
+priority off, a larger share moves throughput back to MC.
 """
 
 

@@ -490,7 +490,7 @@ class MLPEngine:
         pass requires a gradient, so autograd records nothing anyway.
         """
         rows = x.shape[0]
-        few = 0 < rows and x.numel() <= FEW_VALUES
+        few = rows > 0 and x.numel() <= FEW_VALUES
         if not (few and self._few_in_python and x.dtype == torch.float32):
             return self.predict(F.pad(x, (0, 0, 0, block_rows - rows)))[:rows]
         values = self._standardized(x.tolist())
