@@ -388,15 +388,21 @@ def script_output(script: str, *args: str) -> str:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
+def script_section(heading: str, intro: str, script: str, *args: str, reading: str) -> str:
+    """A section of the page: ``heading``, ``intro``, what ``bench/<script> args`` prints
+    (``script_output``), then ``reading``."""
+    return f"\n## {heading}\n\n{intro}\n\n{script_output(script, *args)}{reading}"
+
+
 def cold_section() -> str:
     """A small call right after other memory was read (bench/cold_calls.py), its own process."""
-    table = script_output("cold_calls.py")
-    return (
-        "\n## Where a one-client request's time goes\n\n"
+    return script_section(
+        "Where a one-client request's time goes",
         "`python bench/cold_calls.py`: one add of 8 values through torch and through numpy, "
         "timed right after reading so many MiB of other memory, median of 2000 trials, one "
-        "process.\n\n"
-        f"{table}{COLD_READING}"
+        "process.",
+        "cold_calls.py",
+        reading=COLD_READING,
     )
 
 
@@ -429,36 +435,40 @@ between. So the last round counted calls rather than microseconds:
 
 Side by side ("Before and after" below): eval at one client 1.32x the requests a second of
 the session's start (v1 2481 to 3275), the server's CPU time per request from about 410 us
-to about 310 us. Tried and dropped, for
-no change beyond the noise in interleaved runs (server pinned to one core, wrk to the
-other): one send per answer instead of two (headers held for the body), one header-deadline
-timer per connection instead of one armed and cancelled per request, and admission without
-its deadline timer (about 2%, short of paying for a timer of our own).
+to about 310 us. Tried and dropped, for no change beyond the noise in interleaved runs
+(server pinned to one core, wrk to the other): one send per answer instead of two (headers
+held for the body), one header-deadline timer per connection instead of one armed and
+cancelled per request, and admission without its deadline timer (about 2%, short of paying
+for a timer of our own).
 """
 
 
 def throughput_section(seconds: int) -> str:
     """Dynamic batching on against off (bench/throughput.py), run as its own process."""
-    table = script_output("throughput.py", "--seconds", str(seconds))
-    return (
-        "\n## Eval throughput: dynamic batching on against off\n\n"
+    return script_section(
+        "Eval throughput: dynamic batching on against off",
         f"`python bench/throughput.py --seconds {seconds}` (also `make bench-throughput`): one "
-        "uvicorn worker per mode, one-row eval requests from 1, 8 and 64 keep-alive clients.\n\n"
-        f"{table}\n"
+        "uvicorn worker per mode, one-row eval requests from 1, 8 and 64 keep-alive clients.",
+        "throughput.py",
+        "--seconds",
+        str(seconds),
+        reading="\n",
     )
 
 
 def tiles_section(seconds: float) -> str:
     """MC tiles in order against over the tile threads (bench/tiles.py), its own process."""
-    table = script_output("tiles.py", "--seconds", str(seconds))
-    return (
-        "\n## MC tiles over threads\n\n"
+    return script_section(
+        "MC tiles over threads",
         f"`python bench/tiles.py --seconds {seconds:g}`: one MC request in process, its tiles "
         "computed in order on one thread or spread over a pool of 2 tile threads (the "
         "service's `JobRunner.map_tiles`), median of up to 200 calls; requests of more than "
         "one tile. The last column is what the service does: it spreads tiles of at least "
-        f"{MIN_SPREAD_TILE_MACS // 1_000_000} M multiply-adds (`jobs.MIN_SPREAD_TILE_MACS`).\n\n"
-        f"{table}{TILES_READING}"
+        f"{MIN_SPREAD_TILE_MACS // 1_000_000} M multiply-adds (`jobs.MIN_SPREAD_TILE_MACS`).",
+        "tiles.py",
+        "--seconds",
+        str(seconds),
+        reading=TILES_READING,
     )
 
 
